@@ -1,0 +1,63 @@
+// Inverted dropout with a counter-based mask.
+//
+// Forward. Each element i draws u_i = philox_uniform(seed, stream, i), uniform on [0, 1), and
+//   keep_i = [u_i >= p]                         (so P(keep) = 1 - p)
+//   out_i  = keep_i * in_i / (1 - p).
+// Scaling the kept elements by 1/(1 - p) makes E[out_i] = in_i, so nothing changes at evaluation time,
+// when dropout is simply switched off.
+//
+// Backward. For a fixed mask the op is linear and diagonal, d out_i / d in_i = keep_i / (1 - p), so
+//   din_i = keep_i * dout_i / (1 - p).
+// The mask is not stored: the backward pass calls philox_uniform with the same (seed, stream, i) and gets
+// the same u_i, and a CUDA kernel doing the same draws the same numbers. `stream` must therefore name the
+// use (layer, site, step) uniquely, and the forward and backward calls of one use must pass equal values.
+//
+// Edge cases: p == 0 copies (no draws); p >= 1 drops everything (out = 0 rather than 0 * inf).
+// The scale is 1 / (1 - p) evaluated in T, i.e. in float for training, as the CUDA kernel does.
+// din is an activation gradient and is overwritten (=).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/philox.h"
+
+namespace llm::ref {
+
+namespace detail {
+
+// Shared by forward and backward: dst_i = keep_i * src_i / (1 - p).
+template <typename T>
+void dropout_apply(T* dst, const T* src, size_t n, float p, uint64_t seed, uint64_t stream) {
+  if (p <= 0.0f) {
+    for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+  if (p >= 1.0f) {
+    for (size_t i = 0; i < n; ++i) dst[i] = 0;
+    return;
+  }
+  const T scale = T(1) / (T(1) - static_cast<T>(p));
+  const int64_t count = static_cast<int64_t>(n);
+#pragma omp parallel for schedule(static) if (count >= (1 << 16))
+  for (int64_t i = 0; i < count; ++i) {
+    const bool keep = llm::philox_uniform(seed, stream, static_cast<uint64_t>(i)) >= p;
+    dst[i] = keep ? src[i] * scale : T(0);
+  }
+}
+
+}  // namespace detail
+
+// out, in: [n]. out may alias in.
+template <typename T>
+void dropout_forward(T* out, const T* in, size_t n, float p, uint64_t seed, uint64_t stream) {
+  detail::dropout_apply(out, in, n, p, seed, stream);
+}
+
+// din, dout: [n]; din overwritten. p, seed and stream must be those of the forward call.
+template <typename T>
+void dropout_backward(T* din, const T* dout, size_t n, float p, uint64_t seed, uint64_t stream) {
+  detail::dropout_apply(din, dout, n, p, seed, stream);
+}
+
+}  // namespace llm::ref
