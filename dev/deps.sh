@@ -7,6 +7,8 @@ missing=()
 have_header() { [ -f "/usr/include/$1" ]; }
 have_header nlohmann/json.hpp || missing+=(nlohmann-json3-dev)
 have_header gtest/gtest.h || missing+=(libgtest-dev)
+have_header pcre2.h || missing+=(libpcre2-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 { [ -f /usr/lib/x86_64-linux-gnu/libgtest.a ] || [ -f /usr/lib/aarch64-linux-gnu/libgtest.a ] ||
   [ -f /usr/lib/libgtest.a ] || ls /usr/lib/*/libgtest.so >/dev/null 2>&1; } || missing+=(libgtest-dev)
 command -v cmake >/dev/null || missing+=(cmake)

@@ -46,8 +46,8 @@ namespace llm::ref {
 template <typename T>
 void token_logprobs_forward(T* logprobs, T* lse, const T* logits, const int32_t* targets, int N, int V,
                             int ignore_index = -100) {
-  const bool parallel = static_cast<int64_t>(N) * V >= (1 << 16);  // small batches: not worth waking threads
-#pragma omp parallel for schedule(static) if (parallel)
+  // Small batches are not worth waking threads for.
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * V >= (1 << 16))
   for (int n = 0; n < N; ++n) {
     const T* z = logits + static_cast<size_t>(n) * V;
 
@@ -73,8 +73,8 @@ void token_logprobs_forward(T* logprobs, T* lse, const T* logits, const int32_t*
 template <typename T>
 void token_logprobs_backward(T* dlogits, const T* dlogprobs, const T* logits, const T* lse,
                              const int32_t* targets, int N, int V, int ignore_index = -100) {
-  const bool parallel = static_cast<int64_t>(N) * V >= (1 << 16);  // small batches: not worth waking threads
-#pragma omp parallel for schedule(static) if (parallel)
+  // Small batches are not worth waking threads for.
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * V >= (1 << 16))
   for (int n = 0; n < N; ++n) {
     const T* z = logits + static_cast<size_t>(n) * V;
     T* dz = dlogits + static_cast<size_t>(n) * V;

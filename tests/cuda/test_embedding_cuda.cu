@@ -1,0 +1,189 @@
+// CUDA token embedding (kernels/embedding.cuh) against the CPU reference (kernels/cpu/embedding.h):
+// forward copies rows exactly; backward accumulates into a non-zero gradient, in the reference's order
+// (bitwise equal for fp32), deterministically run to run, in both variants; invalid ids are flagged.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/cpu/embedding.h"
+#include "kernels/embedding.cuh"
+#include "tests/cuda/cuda_test_util.h"
+#include "tests/cuda/kernel_test_helpers.h"
+
+namespace {
+
+using llm::cuda::KernelVariant;
+using namespace llm::test;
+
+const char* name_of(KernelVariant variant) {
+  return variant == KernelVariant::kFast ? "fast" : "clear";
+}
+
+template <typename T>
+void check_forward(int N, int C, int V, KernelVariant variant) {
+  const std::vector<float> table = round_to<T>(random_floats(static_cast<size_t>(V) * C, 51));
+  const std::vector<int32_t> tokens = random_ints(N, 52, 0, V - 1);
+  std::vector<float> want(static_cast<size_t>(N) * C);
+  llm::ref::embedding_forward(want.data(), tokens.data(), table.data(), N, C);
+
+  DeviceBuffer<T> d_table(table.size()), d_out(want.size());
+  DeviceBuffer<int32_t> d_tokens(N);
+  upload_floats(d_table, table);
+  d_tokens.upload(tokens);
+  d_out.poison();
+  llm::cuda::embedding_forward(d_out.get(), d_tokens.get(), d_table.get(), N, C, V, nullptr, variant);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got = download_floats(d_out);
+  expect_all_finite("embedding forward", got);
+  EXPECT_TRUE(got == want) << "embedding forward " << type_name<T>() << " " << name_of(variant) << " N=" << N
+                           << " C=" << C << ": a row is not an exact copy";
+}
+
+// Runs the backward pass on a gradient that starts at `dtable0` and returns the result.
+template <typename T>
+std::vector<T> run_backward(const std::vector<float>& dtable0, const std::vector<float>& dout,
+                            const std::vector<int32_t>& tokens, int N, int C, int V, KernelVariant variant) {
+  DeviceBuffer<T> d_dtable(dtable0.size()), d_dout(dout.size());
+  DeviceBuffer<int32_t> d_tokens(N);
+  const size_t scratch_bytes = llm::cuda::embedding_backward_scratch_bytes(N, V);
+  DeviceBuffer<char> d_scratch(scratch_bytes);
+  upload_floats(d_dtable, dtable0);
+  upload_floats(d_dout, dout);
+  d_tokens.upload(tokens);
+  d_scratch.poison();
+  llm::cuda::embedding_backward(d_dtable.get(), d_dout.get(), d_tokens.get(), N, C, V, d_scratch.get(),
+                                scratch_bytes, nullptr, variant);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  return d_dtable.download();
+}
+
+template <typename T>
+void check_backward(int N, int C, int V, KernelVariant variant) {
+  // A non-zero starting gradient (gradient accumulation) and many repeated ids (N > V).
+  const std::vector<float> dtable0 = round_to<T>(random_floats(static_cast<size_t>(V) * C, 53));
+  const std::vector<float> dout = round_to<T>(random_floats(static_cast<size_t>(N) * C, 54));
+  const std::vector<int32_t> tokens = random_ints(N, 55, 0, V - 1);
+  std::vector<float> want = dtable0;
+  llm::ref::embedding_backward(want.data(), dout.data(), tokens.data(), N, C);
+
+  const std::vector<T> first = run_backward<T>(dtable0, dout, tokens, N, C, V, variant);
+  const std::vector<T> second = run_backward<T>(dtable0, dout, tokens, N, C, V, variant);
+  const std::string what = std::string("embedding backward ") + type_name<T>() + " " + name_of(variant) +
+                           " N=" + std::to_string(N) + " C=" + std::to_string(C) + " V=" + std::to_string(V);
+  const std::vector<float> got = to_floats(first);
+  expect_relative_error(what, got, want, tolerance<T>());
+  if constexpr (std::is_same_v<T, float>) {
+    // Same additions in the same order as the reference: identical bits.
+    EXPECT_TRUE(got == want) << what << ": not bitwise equal to the reference";
+  }
+  EXPECT_TRUE(bitwise_equal(first, second)) << what << ": two runs differ";
+}
+
+template <typename T>
+void check_all() {
+  // C = 301: not a multiple of the vector width (auto picks clear; fast is refused). C = 264 = 8 * 33: both.
+  for (KernelVariant variant : {KernelVariant::kClear, KernelVariant::kAuto}) {
+    check_forward<T>(37, 301, 50, variant);
+    check_backward<T>(37, 301, 50, variant);
+  }
+  for (KernelVariant variant : {KernelVariant::kClear, KernelVariant::kFast}) {
+    check_forward<T>(37, 264, 50, variant);
+    check_backward<T>(37, 264, 50, variant);
+    check_backward<T>(1, 264, 3, variant);
+    // Long runs (each id repeats ~300 times) and more channels than one block covers (256 threads x 8).
+    check_backward<T>(2047, 3000 - 3000 % 8, 7, variant);
+  }
+  // Fast and clear agree.
+  const int N = 333, C = 520, V = 40;
+  const std::vector<float> dtable0 = round_to<T>(random_floats(static_cast<size_t>(V) * C, 56));
+  const std::vector<float> dout = round_to<T>(random_floats(static_cast<size_t>(N) * C, 57));
+  const std::vector<int32_t> tokens = random_ints(N, 58, 0, V - 1);
+  const std::vector<T> clear = run_backward<T>(dtable0, dout, tokens, N, C, V, KernelVariant::kClear);
+  const std::vector<T> fast = run_backward<T>(dtable0, dout, tokens, N, C, V, KernelVariant::kFast);
+  // Each (row, channel) sums the same values in the same order in both variants.
+  EXPECT_TRUE(bitwise_equal(clear, fast)) << "embedding backward fast vs clear " << type_name<T>();
+}
+
+TEST(CudaEmbedding, MatchesReferenceFp32) {
+  SKIP_WITHOUT_GPU();
+  check_all<float>();
+}
+
+TEST(CudaEmbedding, MatchesReferenceBf16) {
+  SKIP_WITHOUT_GPU();
+  check_all<__nv_bfloat16>();
+}
+
+TEST(CudaEmbedding, BackwardIsDeterministicWithManyRepeats) {
+  SKIP_WITHOUT_GPU();
+  // One id for most rows: the order of the additions decides the bits, so any atomics would show.
+  const int N = 4096, C = 512, V = 5;
+  std::vector<int32_t> tokens = random_ints(N, 61, 0, V - 1);
+  for (int n = 0; n < N; n += 2) tokens[n] = 2;
+  const std::vector<float> dtable0 = random_floats(static_cast<size_t>(V) * C, 62);
+  const std::vector<float> dout = random_floats(static_cast<size_t>(N) * C, 63, -100.0f, 100.0f);
+  const std::vector<float> first =
+      to_floats(run_backward<float>(dtable0, dout, tokens, N, C, V, KernelVariant::kAuto));
+  for (int run = 0; run < 3; ++run) {
+    const std::vector<float> again =
+        to_floats(run_backward<float>(dtable0, dout, tokens, N, C, V, KernelVariant::kAuto));
+    EXPECT_TRUE(again == first) << "run " << run + 1 << " differs from run 0";
+  }
+  std::vector<float> want = dtable0;
+  llm::ref::embedding_backward(want.data(), dout.data(), tokens.data(), N, C);
+  EXPECT_TRUE(first == want) << "not bitwise equal to the reference";
+}
+
+TEST(CudaEmbedding, InvalidIdsGiveNanRowsAndNoGradient) {
+  SKIP_WITHOUT_GPU();
+  const int N = 5, C = 16, V = 4;
+  const std::vector<int32_t> tokens = {0, 4, 3, -1, 3};  // rows 1 and 3 are invalid
+  const std::vector<float> table = random_floats(static_cast<size_t>(V) * C, 64);
+  DeviceBuffer<float> d_table(table.size()), d_out(static_cast<size_t>(N) * C);
+  DeviceBuffer<int32_t> d_tokens(N);
+  upload_floats(d_table, table);
+  d_tokens.upload(tokens);
+  llm::cuda::embedding_forward(d_out.get(), d_tokens.get(), d_table.get(), N, C, V, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> out = download_floats(d_out);
+  for (int n = 0; n < N; ++n) {
+    const bool valid = tokens[n] >= 0 && tokens[n] < V;
+    for (int c = 0; c < C; ++c) {
+      const float v = out[static_cast<size_t>(n) * C + c];
+      if (valid) {
+        EXPECT_EQ(v, table[static_cast<size_t>(tokens[n]) * C + c]);
+      } else {
+        EXPECT_TRUE(std::isnan(v)) << "row " << n << " has an invalid id and should be NaN";
+      }
+    }
+  }
+  // Backward: the valid rows accumulate as usual, the invalid ones are skipped.
+  const std::vector<float> dtable0(static_cast<size_t>(V) * C, 1.0f);
+  const std::vector<float> dout = random_floats(static_cast<size_t>(N) * C, 65);
+  const std::vector<float> got =
+      to_floats(run_backward<float>(dtable0, dout, tokens, N, C, V, KernelVariant::kAuto));
+  std::vector<float> want = dtable0;
+  for (int n = 0; n < N; ++n) {
+    if (tokens[n] < 0 || tokens[n] >= V) continue;
+    for (int c = 0; c < C; ++c)
+      want[static_cast<size_t>(tokens[n]) * C + c] += dout[static_cast<size_t>(n) * C + c];
+  }
+  EXPECT_TRUE(got == want);
+}
+
+TEST(CudaEmbedding, BackwardRejectsSmallScratch) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer<float> d_dtable(64), d_dout(64);
+  DeviceBuffer<int32_t> d_tokens(4);
+  DeviceBuffer<char> d_scratch(16);
+  EXPECT_THROW(llm::cuda::embedding_backward(d_dtable.get(), d_dout.get(), d_tokens.get(), 4, 16, 4,
+                                             d_scratch.get(), 16, nullptr),
+               std::invalid_argument);
+}
+
+}  // namespace
