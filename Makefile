@@ -1,4 +1,5 @@
-# A thin front end over CMake. `make test` and `make demo` work as the first command on a fresh machine.
+# A thin front end over CMake. `make demo` and `make test` work as the first command on a fresh machine:
+# they install missing Debian packages (as root) and configure the build on the way.
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release
@@ -7,7 +8,9 @@ ifeq ($(shell command -v nvcc 2>/dev/null),)
   export CUDACXX ?= /usr/local/cuda/bin/nvcc
 endif
 
-.PHONY: all deps configure test clean
+PROGRAMS := train_pretrain model_info
+
+.PHONY: all deps configure test demo clean $(PROGRAMS)
 
 all: configure
 	cmake --build $(BUILD) -j$(JOBS)
@@ -17,6 +20,15 @@ deps:
 
 configure: deps
 	@cmake -S . -B $(BUILD) $(CMAKE_FLAGS) >/dev/null
+
+# Binaries land at the repository root, as in llm.c.
+$(PROGRAMS): configure
+	cmake --build $(BUILD) -j$(JOBS) --target $@
+
+# The main job on built-in data: a small Llama-style model trained from scratch on the CPU on the
+# generated arithmetic corpus, with falling train/validation loss and samples at the end.
+demo: train_pretrain
+	./train_pretrain -c train/configs/demo.json
 
 test: all
 	cd $(BUILD) && ctest --output-on-failure -j$(JOBS)

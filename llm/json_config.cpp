@@ -238,7 +238,19 @@ void apply_override(json& object, const std::string& assignment) {
   const std::string text = assignment.substr(eq + 1);
   json value = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (value.is_discarded()) value = text;
-  object[key] = value;
+  // "model.d_model=64" reaches into the nested object.
+  json* target = &object;
+  size_t start = 0;
+  for (size_t dot = key.find('.'); dot != std::string::npos; dot = key.find('.', start)) {
+    const std::string part = key.substr(start, dot - start);
+    if (part.empty()) throw ConfigError("--set " + assignment + ": empty key segment");
+    if (!target->contains(part)) (*target)[part] = json::object();
+    target = &(*target)[part];
+    if (!target->is_object())
+      throw ConfigError("--set " + assignment + ": \"" + part + "\" is not an object");
+    start = dot + 1;
+  }
+  (*target)[key.substr(start)] = value;
 }
 
 }  // namespace llm

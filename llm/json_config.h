@@ -73,7 +73,8 @@ class KeyReader {
 std::string json_type_name(const json& value);
 
 // Applies command-line overrides "key=value" to a JSON object. The value is parsed as JSON when it
-// parses (numbers, true/false, null, quoted strings, arrays), else taken as a bare string.
+// parses (numbers, true/false, null, quoted strings, arrays), else taken as a bare string. A dotted
+// key ("model.d_model=64") sets a key of a nested object.
 void apply_override(json& object, const std::string& assignment);
 
 }  // namespace llm

@@ -182,3 +182,21 @@ TEST(MemoryPlan, RecomputeSavesActivationsAndCountsAreExact) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ConfigOverrides, DottedKeysReachNestedObjects) {
+  llm::json object = llm::json::parse(R"({"lr": 1e-3, "model": {"d_model": 32}})");
+  llm::apply_override(object, "model.d_model=64");
+  llm::apply_override(object, "lr=0.5");
+  llm::apply_override(object, "datasets=[\"a.txt\", \"b.txt\"]");
+  llm::apply_override(object, "name=plain text");
+  EXPECT_EQ(object["model"]["d_model"], 64);
+  EXPECT_EQ(object["lr"], 0.5);
+  EXPECT_EQ(object["datasets"].size(), 2u);
+  EXPECT_EQ(object["name"], "plain text");
+  EXPECT_THROW(llm::apply_override(object, "lr.x=1"), llm::ConfigError);
+  EXPECT_THROW(llm::apply_override(object, "no_equals_sign"), llm::ConfigError);
+}
+
+}  // namespace

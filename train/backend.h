@@ -1,0 +1,61 @@
+// What a training loop needs from a backend: a forward and backward pass on a batch, gradient-norm
+// and clipping, the optimizer step, and host copies of the parameters for checkpoints and sampling.
+// The CPU backend implements it with the reference ops; the CUDA backend implements the same calls
+// with the kernels, so the loops in train/ are written once.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "llm/memory_plan.h"
+#include "llm/params.h"
+#include "train/optimizer.h"
+
+namespace llm {
+
+// One micro-batch as the backend sees it: B x T tokens, targets with -100 for ignored positions,
+// optional per-token positions and document ids (packed sequences).
+struct TokenBatch {
+  int B = 0, T = 0;
+  const int32_t* inputs = nullptr;
+  const int32_t* targets = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* doc_ids = nullptr;
+};
+
+class TrainBackend {
+ public:
+  virtual ~TrainBackend() = default;
+  virtual std::string name() const = 0;
+  virtual const ParameterLayout& layout() const = 0;
+  virtual MemoryPlan memory_plan() const = 0;
+
+  // Mean cross-entropy of the batch; its gradient times `grad_scale` is added to the gradients.
+  // `dropout_counter` keys this micro-batch's dropout masks (the global micro-step).
+  virtual double forward_backward(const TokenBatch& batch, double grad_scale, uint64_t dropout_counter) = 0;
+  // Mean cross-entropy with dropout off and no gradients.
+  virtual double evaluate(const TokenBatch& batch) = 0;
+  // Logits of the last position of one sequence (inference; dropout off).
+  virtual std::vector<float> next_token_logits(const std::vector<int32_t>& tokens) = 0;
+
+  virtual void zero_grad() = 0;
+  // Global L2 norm of all gradients (NaN or Inf when any gradient is not finite).
+  virtual double grad_norm() = 0;
+  virtual void scale_grads(double factor) = 0;
+  virtual void optimizer_step(double lr, int64_t step) = 0;
+  // Sophia's Gauss-Newton-Bartlett pass: labels sampled from the model's own distribution on `batch`,
+  // their gradients squared into the optimizer's Hessian estimate. Gradients are zero afterwards.
+  virtual bool wants_hessian_estimate(int64_t step) const = 0;
+  virtual void update_hessian_estimate(const TokenBatch& batch, int batch_tokens,
+                                       uint64_t sample_counter) = 0;
+
+  // Host copies of the parameter arena (layout order) and the optimizer state.
+  virtual std::vector<float> read_parameters() = 0;
+  virtual void write_parameters(const std::vector<float>& values) = 0;
+  virtual std::vector<StateBuffer> optimizer_state() = 0;
+  virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
+  virtual std::string optimizer_name() const = 0;
+};
+
+}  // namespace llm

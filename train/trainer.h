@@ -1,0 +1,74 @@
+// The training loop, written once for every backend and every objective that reduces to "mean loss
+// of a batch of tokens": pretraining now; SFT reuses it with its own batch source.
+//
+// One step: zero the gradients; for each of the accumulation micro-batches, forward and backward with
+// the gradient scaled by 1/accumulation; stop if the loss or the gradient norm is not finite; clip the
+// global gradient norm; take the optimizer step at the scheduled learning rate. Around the steps it
+// logs, evaluates, samples and writes checkpoints.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "train/backend.h"
+#include "train/checkpoint.h"
+#include "train/train_config.h"
+
+namespace llm {
+
+struct RunOptions {
+  std::string resume_path;         // a checkpoint to continue from ("" starts fresh)
+  int64_t max_steps_override = 0;  // > 0: train to this step instead of config.max_steps
+  bool load_optimizer_state = true;
+  bool print = true;  // progress lines and samples on stdout
+};
+
+struct RunResult {
+  int64_t start_step = 0, final_step = 0;
+  std::vector<double> losses;  // train loss of every step taken in this run
+  double last_val_loss = NAN, best_val_loss = NAN;
+  bool stopped_on_nonfinite = false;
+  std::string last_checkpoint;  // "" when none was written
+};
+
+class Trainer {
+ public:
+  // `val` may be null (no evaluation). The tokenizer is used for samples only.
+  Trainer(const TrainConfig& config, TrainBackend& backend, data::BatchSource& train, data::BatchSource* val,
+          const data::Tokenizer& tokenizer);
+  RunResult run(const RunOptions& options);
+
+  // The checkpoint of the current state (the loader state is that of the last consumed batch).
+  Checkpoint make_checkpoint(int64_t step);
+  // Loads parameters (and optimizer state when asked) and returns the step it was made at.
+  int64_t restore_checkpoint(const std::string& path, bool load_optimizer_state);
+
+  double evaluate();
+  std::string generate(const std::string& prompt, int max_tokens, uint64_t sample_counter);
+
+ private:
+  // Writes a checkpoint; false (and nothing written) when it would hold a non-finite value.
+  bool save(const std::string& file, int64_t step, RunResult& result);
+  void log_metrics(const json& entry);
+  void drop_metrics_after(int64_t step);
+
+  const TrainConfig& config_;
+  TrainBackend& backend_;
+  data::BatchSource& train_;
+  data::BatchSource* val_;
+  const data::Tokenizer& tokenizer_;
+  json data_state_;  // state_after of the last consumed training batch
+  double best_val_loss_ = NAN;
+  int64_t tokens_seen_ = 0;
+  // Global step minus the optimizer's own step count (non-zero after resuming without optimizer state).
+  int64_t optimizer_step_offset_ = 0;
+};
+
+// Builds the tokenizer, datasets, loaders and backend from a config and runs it: what
+// ./train_pretrain does. Returns the process exit code.
+int run_pretraining(const TrainConfig& config, const RunOptions& options);
+
+}  // namespace llm
