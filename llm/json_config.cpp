@@ -25,8 +25,18 @@ void line_and_column(const std::string& text, size_t offset, size_t* line, size_
 }  // namespace
 
 json parse_json_text(const std::string& text, const std::string& origin) {
+  // Configs are shallow; a depth limit keeps hostile nesting from overflowing the stack later, when
+  // the value is copied, compared or printed.
+  constexpr int kMaxDepth = 64;
+  const json::parser_callback_t limit_depth = [&origin](int depth, json::parse_event_t, json&) {
+    if (depth > kMaxDepth) {
+      throw ConfigError(origin + ": malformed JSON: nested deeper than " + std::to_string(kMaxDepth) +
+                        " levels");
+    }
+    return true;
+  };
   try {
-    return json::parse(text);
+    return json::parse(text, limit_depth);
   } catch (const json::parse_error& e) {
     // nlohmann reports the byte position just past the offending character.
     size_t line = 0, column = 0;
@@ -37,6 +47,8 @@ json parse_json_text(const std::string& text, const std::string& origin) {
     if (colon != std::string::npos) reason = reason.substr(colon);
     throw ConfigError(origin + ":" + std::to_string(line) + ":" + std::to_string(column) +
                       ": malformed JSON: " + reason);
+  } catch (const json::exception& e) {  // e.g. a number too large for a double (1e999)
+    throw ConfigError(origin + ": malformed JSON: " + e.what());
   }
 }
 

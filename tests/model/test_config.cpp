@@ -200,3 +200,13 @@ TEST(ConfigOverrides, DottedKeysReachNestedObjects) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ConfigErrors, HostileJsonIsAnErrorNotACrash) {
+  EXPECT_NE(error_of(R"({"d_model": 1e999})").find("malformed JSON"), std::string::npos);
+  const std::string deep = std::string(1000, '[') + std::string(1000, ']');
+  EXPECT_NE(error_of(deep).find("nested deeper than"), std::string::npos);
+}
+
+}  // namespace
