@@ -1,0 +1,219 @@
+#include "llm/hf_model.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <type_traits>
+
+namespace llm {
+
+namespace {
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+[[noreturn]] void throw_problems(const std::string& dir, const std::vector<std::string>& problems) {
+  constexpr size_t kShown = 30;
+  std::string all = dir + ": the weights do not match the model config (" + std::to_string(problems.size()) +
+                    " problem" + (problems.size() == 1 ? "" : "s") + "):";
+  for (size_t i = 0; i < problems.size() && i < kShown; ++i) all += "\n  " + problems[i];
+  if (problems.size() > kShown) all += "\n  ... and " + std::to_string(problems.size() - kShown) + " more";
+  throw HfModelError(all);
+}
+
+void write_text(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw HfModelError("cannot create " + tmp);
+    out << text;
+    out.flush();
+    if (!out) throw HfModelError("cannot write " + tmp);
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) throw HfModelError("cannot rename " + tmp + " to " + path + ": " + ec.message());
+}
+
+}  // namespace
+
+template <typename T>
+void load_hf_weights(const SafetensorsFolder& folder, const ParameterLayout& layout, T* params,
+                     std::vector<std::string>* notes) {
+  std::vector<std::string> problems;
+  for (const TensorInfo& info : layout.tensors()) {
+    const SafetensorsTensor* t = folder.find(info.name);
+    if (t == nullptr) {
+      problems.push_back("missing tensor " + info.name + " " + shape_string(info.shape));
+    } else if (t->shape != info.shape) {
+      problems.push_back("tensor " + info.name + " has shape " + shape_string(t->shape) +
+                         ", the config needs " + shape_string(info.shape));
+    }
+  }
+  bool tied_head = false;
+  for (const std::string& name : folder.names()) {
+    if (layout.contains(name)) continue;
+    if (ends_with(name, ".rotary_emb.inv_freq")) {  // a buffer old Llama checkpoints saved; recomputed
+      if (notes) notes->push_back("ignored " + name + " (RoPE frequencies are computed from the config)");
+      continue;
+    }
+    if (name == "lm_head.weight" && layout.contains("model.embed_tokens.weight")) {
+      tied_head = true;  // checked below, once the shapes are known to be right
+      continue;
+    }
+    problems.push_back("unexpected tensor " + name + " " + shape_string(folder.find(name)->shape) +
+                       " (the config has no such parameter)");
+  }
+  if (tied_head) {
+    const TensorInfo& embed = layout.at("model.embed_tokens.weight");
+    const SafetensorsTensor* head = folder.find("lm_head.weight");
+    bool equal = head->shape == embed.shape;
+    const SafetensorsTensor* embed_t = folder.find(embed.name);
+    if (equal && embed_t != nullptr) {
+      std::vector<T> a(static_cast<size_t>(embed.numel)), b(a.size());
+      folder.read(embed.name, a.data(), a.size());
+      folder.read("lm_head.weight", b.data(), b.size());
+      equal = a == b;
+    }
+    if (!equal) {
+      problems.push_back(
+          "unexpected tensor lm_head.weight: tie_word_embeddings is true but it differs from "
+          "model.embed_tokens.weight (set tie_word_embeddings false in config.json if the head is separate)");
+    } else if (notes) {
+      notes->push_back("ignored lm_head.weight: equal to model.embed_tokens.weight (tied embeddings)");
+    }
+  }
+  if (!problems.empty()) throw_problems(folder.dir(), problems);
+  for (const TensorInfo& info : layout.tensors()) {
+    folder.read(info.name, params + info.offset, static_cast<size_t>(info.numel));
+  }
+}
+
+template <typename T>
+void load_hf_weights(const std::string& dir, Model<T>& model, std::vector<std::string>* notes) {
+  const SafetensorsFolder folder(dir);
+  load_hf_weights(folder, model.layout(), model.parameters().data(), notes);
+}
+
+std::vector<float> load_hf_parameters(const std::string& dir, const ModelConfig& config,
+                                      std::vector<std::string>* notes) {
+  const ParameterLayout layout(config);
+  std::vector<float> params(layout.total_elements());
+  const SafetensorsFolder folder(dir);
+  load_hf_weights(folder, layout, params.data(), notes);
+  return params;
+}
+
+const std::vector<std::string>& hf_tokenizer_files() {
+  static const std::vector<std::string> files = {
+      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",   "vocab.json",
+      "merges.txt",     "added_tokens.json",     "chat_template.jinja",     "chat_template.json"};
+  return files;
+}
+
+SafeDType parse_export_dtype(const std::string& name) {
+  if (name == "f32" || name == "F32" || name == "float32" || name == "fp32") return SafeDType::kF32;
+  if (name == "bf16" || name == "BF16" || name == "bfloat16") return SafeDType::kBF16;
+  if (name == "f16" || name == "F16" || name == "float16" || name == "fp16") return SafeDType::kF16;
+  throw std::invalid_argument("unknown export dtype \"" + name + "\" (expected f32, bf16 or f16)");
+}
+
+std::string torch_dtype_name(SafeDType dtype) {
+  switch (dtype) {
+    case SafeDType::kBF16:
+      return "bfloat16";
+    case SafeDType::kF16:
+      return "float16";
+    default:
+      return "float32";
+  }
+}
+
+template <typename T>
+std::vector<std::string> save_hf_folder(const std::string& dir, const ModelConfig& config,
+                                        const ParameterLayout& layout, const T* params,
+                                        const HfExportOptions& options) {
+  namespace fs = std::filesystem;
+  const json config_json = hf_config_to_json(config, options.tokens, torch_dtype_name(options.dtype));
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw HfModelError("cannot create folder " + dir + ": " + ec.message());
+
+  // Weights, as float (the writer converts to the file dtype).
+  std::vector<std::vector<float>> storage;
+  std::vector<SafetensorsWriteTensor> tensors;
+  storage.reserve(layout.tensors().size());
+  for (const TensorInfo& info : layout.tensors()) {
+    const T* src = params + info.offset;
+    const float* data = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      data = src;
+    } else {
+      storage.emplace_back(src, src + info.numel);
+      data = storage.back().data();
+    }
+    tensors.push_back({info.name, info.shape, data});
+  }
+  std::vector<std::string> written =
+      write_safetensors_folder(dir, tensors, options.dtype, options.max_shard_bytes);
+
+  write_text(dir + "/config.json", config_json.dump(2) + "\n");
+  written.push_back("config.json");
+
+  std::string source = options.source_dir;
+  if (source.empty() && fs::is_directory(config.tokenizer_name, ec)) source = config.tokenizer_name;
+  const bool same = !source.empty() && fs::equivalent(source, dir, ec);
+  std::vector<std::string> copies = hf_tokenizer_files();
+  copies.push_back("generation_config.json");
+  bool have_generation = false;
+  if (!source.empty() && !same) {
+    for (const std::string& file : copies) {
+      const std::string from = source + "/" + file;
+      if (!fs::is_regular_file(from, ec)) continue;
+      fs::copy_file(from, dir + "/" + file, fs::copy_options::overwrite_existing, ec);
+      if (ec) throw HfModelError("cannot copy " + from + " to " + dir + ": " + ec.message());
+      written.push_back(file);
+      if (file == "generation_config.json") have_generation = true;
+    }
+  } else if (same) {
+    have_generation = fs::is_regular_file(dir + "/generation_config.json", ec);
+  }
+  if (!have_generation) {
+    write_text(dir + "/generation_config.json", hf_generation_config_to_json(options.tokens).dump(2) + "\n");
+    written.push_back("generation_config.json");
+  }
+  return written;
+}
+
+template <typename T>
+std::vector<std::string> save_hf_model(const std::string& dir, const Model<T>& model,
+                                       const HfExportOptions& options) {
+  return save_hf_folder(dir, model.config(), model.layout(), model.parameters().data(), options);
+}
+
+template void load_hf_weights<float>(const SafetensorsFolder&, const ParameterLayout&, float*,
+                                     std::vector<std::string>*);
+template void load_hf_weights<double>(const SafetensorsFolder&, const ParameterLayout&, double*,
+                                      std::vector<std::string>*);
+template void load_hf_weights<float>(const std::string&, Model<float>&, std::vector<std::string>*);
+template void load_hf_weights<double>(const std::string&, Model<double>&, std::vector<std::string>*);
+template std::vector<std::string> save_hf_folder<float>(const std::string&, const ModelConfig&,
+                                                        const ParameterLayout&, const float*,
+                                                        const HfExportOptions&);
+template std::vector<std::string> save_hf_folder<double>(const std::string&, const ModelConfig&,
+                                                         const ParameterLayout&, const double*,
+                                                         const HfExportOptions&);
+template std::vector<std::string> save_hf_model<float>(const std::string&, const Model<float>&,
+                                                       const HfExportOptions&);
+template std::vector<std::string> save_hf_model<double>(const std::string&, const Model<double>&,
+                                                        const HfExportOptions&);
+
+}  // namespace llm
