@@ -9,7 +9,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "data/byte_tokenizer.h"
+#include "data/tokenizer_factory.h"
 #include "llm/sampling.h"
 #include "train/cpu_backend.h"
 
@@ -368,11 +368,8 @@ int run_pretraining(const TrainConfig& config, const RunOptions& options) {
     throw ConfigError(
         "device \"cuda\": the CUDA training backend is not part of this build yet; use \"cpu\" or \"auto\"");
   }
-  if (config.model.tokenizer_name != "byte") {
-    throw ConfigError("tokenizer_name \"" + config.model.tokenizer_name +
-                      "\": only the built-in byte tokenizer (\"byte\") is available in this build");
-  }
-  data::ByteTokenizer tokenizer;
+  const std::unique_ptr<data::Tokenizer> tokenizer_owner = data::make_tokenizer(config.model.tokenizer_name);
+  const data::Tokenizer& tokenizer = *tokenizer_owner;
   if (config.model.vocab_size < tokenizer.vocab_size()) {
     throw ConfigError("model vocab_size " + std::to_string(config.model.vocab_size) +
                       " is smaller than the " + tokenizer.name() + " tokenizer's " +
