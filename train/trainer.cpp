@@ -12,6 +12,7 @@
 #include "data/tokenizer_factory.h"
 #include "llm/sampling.h"
 #include "train/cpu_backend.h"
+#include "train/cuda_backend.h"
 
 namespace llm {
 
@@ -364,10 +365,7 @@ RunResult Trainer::run(const RunOptions& options) {
 }
 
 int run_pretraining(const TrainConfig& config, const RunOptions& options) {
-  if (config.device == "cuda") {
-    throw ConfigError(
-        "device \"cuda\": the CUDA training backend is not part of this build yet; use \"cpu\" or \"auto\"");
-  }
+  if (config.device == "cuda") require_cuda_device();  // fail before loading any data
   const std::unique_ptr<data::Tokenizer> tokenizer_owner = data::make_tokenizer(config.model.tokenizer_name);
   const data::Tokenizer& tokenizer = *tokenizer_owner;
   if (config.model.vocab_size < tokenizer.vocab_size()) {
@@ -406,13 +404,15 @@ int run_pretraining(const TrainConfig& config, const RunOptions& options) {
   bo.weight_decay = config.weight_decay;
   bo.no_decay_names = config.no_decay_names;
   bo.decay_names = config.decay_names;
-  CpuBackend backend(config.model, config.optimizer, bo);
+  const std::unique_ptr<TrainBackend> backend_owner =
+      make_backend(config.device, config.model, config.optimizer, bo);
+  TrainBackend& backend = *backend_owner;
   if (options.print) {
     const ParameterCount count = count_parameters(config.model);
-    std::printf("model: %.2fM parameters, %d layers, d_model %d, %s/%s/%s/%s | device cpu | optimizer %s\n",
+    std::printf("model: %.2fM parameters, %d layers, d_model %d, %s/%s/%s/%s | device %s | optimizer %s\n",
                 count.total() / 1e6, config.model.n_layers, config.model.d_model,
                 config.model.positional_encoding.c_str(), config.model.attention_type.c_str(),
-                config.model.norm_type.c_str(), config.model.activation.c_str(),
+                config.model.norm_type.c_str(), config.model.activation.c_str(), backend.name().c_str(),
                 backend.optimizer_name().c_str());
     std::printf("memory plan: %s\n", backend.memory_plan().describe().c_str());
     std::printf("batch %d x seq %d x accumulation %d = %d tokens per step\n", config.batch_size,

@@ -1,0 +1,1134 @@
+// The GPU transformer (see kernels/cuda_model.h). The forward and backward passes below follow
+// llm/model.cpp line by line; each step names the CPU call it mirrors where the kernel API differs.
+#include "kernels/cuda_model.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "kernels/activations.cuh"
+#include "kernels/adamw.cuh"
+#include "kernels/attention_flash.cuh"
+#include "kernels/attention_simple.cuh"
+#include "kernels/classifier.cuh"
+#include "kernels/cpu/positions.h"
+#include "kernels/cuda_common.cuh"
+#include "kernels/dropout.cuh"
+#include "kernels/embedding.cuh"
+#include "kernels/matmul.cuh"
+#include "kernels/norms.cuh"
+#include "kernels/nvtx.cuh"
+#include "kernels/positions.cuh"
+
+namespace llm::cuda {
+
+Precision parse_precision(const std::string& name) {
+  if (name == "fp32") return Precision::kFp32;
+  if (name == "bf16") return Precision::kBf16;
+  throw std::invalid_argument("precision: expected fp32 or bf16; found \"" + name + "\"");
+}
+
+const char* precision_name(Precision precision) {
+  return precision == Precision::kFp32 ? "fp32" : "bf16";
+}
+
+namespace {
+
+// ---- small kernels of our own -------------------------------------------------------------------------
+
+// out = a + b (the residual add at the end of a layer; ref::residual_add).
+template <typename T>
+__global__ void residual_add_kernel(T* out, const T* a, const T* b, size_t n) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+}
+
+// dst += src (a bf16 parameter gradient added into the fp32 gradient arena).
+template <typename T>
+__global__ void accumulate_float_kernel(float* dst, const T* src, size_t n) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] += to_float(src[i]);
+}
+
+// g = float(g * factor), in double as the CPU backend does.
+__global__ void scale_kernel(float* g, size_t n, double factor) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) g[i] = static_cast<float>(static_cast<double>(g[i]) * factor);
+}
+
+// dst = T(src) (the working copy from the master weights).
+template <typename T>
+__global__ void convert_kernel(T* dst, const float* src, size_t n) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = from_float<T>(src[i]);
+}
+
+template <typename T>
+__global__ void to_float_kernel(float* dst, const T* src, size_t n) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) dst[i] = to_float(src[i]);
+}
+
+constexpr int kThreads = 256;
+inline int blocks(size_t n) {
+  return ceil_div(static_cast<long long>(n), kThreads);
+}
+
+// ---- config helpers (as in llm/model.cpp) ---------------------------------------------------------------
+
+enum LayerTensor { kNorm1, kQ, kK, kV, kO, kQNorm, kKNorm, kNorm2, kGate, kUp, kDown, kLayerTensorCount };
+const char* kLayerTensorSuffix[kLayerTensorCount] = {
+    "input_layernorm",  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+enum DropoutSite { kAttentionProbs, kAttentionOutput, kMlpOutput, kDropoutSites };
+
+ref::RopeParams rope_params(const ModelConfig& c) {
+  ref::RopeParams p;
+  p.head_dim = c.resolved_head_dim();
+  p.theta = c.rope_theta;
+  p.factor = c.rope_scaling_factor;
+  p.original_max_position = c.rope_original_max_seq_len > 0 ? c.rope_original_max_seq_len : c.max_seq_len;
+  p.low_freq_factor = c.llama3_low_freq_factor;
+  p.high_freq_factor = c.llama3_high_freq_factor;
+  p.beta_fast = c.yarn_beta_fast;
+  p.beta_slow = c.yarn_beta_slow;
+  p.attention_factor = c.yarn_attention_factor;
+  if (c.positional_encoding == "yarn") {
+    p.scaling = ref::RopeScaling::kYarn;
+  } else if (c.rope_scaling == "linear") {
+    p.scaling = ref::RopeScaling::kLinear;
+  } else if (c.rope_scaling == "llama3") {
+    p.scaling = ref::RopeScaling::kLlama3;
+  }
+  return p;
+}
+
+ref::Activation activation_kind(const ModelConfig& c) {
+  if (c.activation == "relu") return ref::Activation::kRelu;
+  if (c.activation == "gelu")
+    return c.gelu_approximation == "tanh" ? ref::Activation::kGeluTanh : ref::Activation::kGeluErf;
+  if (c.activation == "leaky_relu") return ref::Activation::kLeakyRelu;
+  return ref::Activation::kSilu;
+}
+
+std::string mb(size_t bytes) {
+  return std::to_string(bytes / (1024 * 1024)) + " MB";
+}
+
+// cudaMalloc that says which part did not fit and what to change.
+void* device_alloc(size_t bytes, const char* what, const char* advice) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    throw std::runtime_error(std::string("out of GPU memory: the ") + what + " (" + mb(bytes) +
+                             ") did not fit (" + mb(free_bytes) + " free of " + mb(total_bytes) + "); " +
+                             advice);
+  }
+  return p;
+}
+
+// Carves aligned pieces from one allocation; a first pass with base == nullptr only measures.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename U>
+  U* take(size_t count) {
+    if (count == 0) return nullptr;
+    offset_ = (offset_ + 255) / 256 * 256;
+    U* p = base_ ? reinterpret_cast<U*>(base_ + offset_) : nullptr;
+    offset_ += count * sizeof(U);
+    return p;
+  }
+  size_t bytes() const { return (offset_ + 255) / 256 * 256; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+}  // namespace
+
+// ---- the precision-independent interface of the implementation ------------------------------------------
+
+struct CudaModel::Impl {
+  virtual ~Impl() = default;
+  ModelConfig config;
+  CudaModelOptions options;
+  ParameterLayout layout;
+  Impl(const ModelConfig& c, const CudaModelOptions& o) : config(c), options(o), layout(c) {}
+
+  virtual MemoryPlan memory_plan() const = 0;
+  virtual void upload_parameters(const std::vector<float>& values) = 0;
+  virtual std::vector<float> download_parameters() const = 0;
+  virtual std::vector<float> download_gradients() const = 0;
+  virtual double forward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                         const int32_t* positions, const int32_t* doc_ids, bool with_backward,
+                         double scale) = 0;
+  virtual void backward_mean_cross_entropy(double scale) = 0;
+  virtual int target_count() const = 0;
+  virtual void zero_grad() = 0;
+  virtual double grad_norm() = 0;
+  virtual void scale_grads(double factor) = 0;
+  virtual void adamw_init(const CudaAdamW& hyper) = 0;
+  virtual void adamw_step(double lr, int64_t step) = 0;
+  virtual std::vector<float> download_adamw_state(int which, size_t tensor) const = 0;
+  virtual void upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) = 0;
+  virtual std::vector<float> next_token_logits(const std::vector<int32_t>& tokens) = 0;
+  virtual void synchronize() const = 0;
+  virtual float* device_master() = 0;
+  virtual float* device_gradients() = 0;
+  virtual void* cuda_stream() = 0;
+  virtual void refresh_working_copy() = 0;
+
+  uint64_t dropout_seed = 0, dropout_counter = 0;
+  bool training = true;
+};
+
+namespace {
+
+template <typename T>
+class ModelImpl final : public CudaModel::Impl {
+ public:
+  ModelImpl(const ModelConfig& c, const CudaModelOptions& o);
+  ~ModelImpl() override;
+
+  MemoryPlan memory_plan() const override;
+  void upload_parameters(const std::vector<float>& values) override;
+  std::vector<float> download_parameters() const override;
+  std::vector<float> download_gradients() const override;
+  double forward(const int32_t* inputs, const int32_t* targets, int B, int T_len, const int32_t* positions,
+                 const int32_t* doc_ids, bool with_backward, double scale) override;
+  void backward_mean_cross_entropy(double scale) override;
+  int target_count() const override { return target_count_; }
+  void zero_grad() override;
+  double grad_norm() override;
+  void scale_grads(double factor) override;
+  void adamw_init(const CudaAdamW& hyper) override;
+  void adamw_step(double lr, int64_t step) override;
+  std::vector<float> download_adamw_state(int which, size_t tensor) const override;
+  void upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) override;
+  std::vector<float> next_token_logits(const std::vector<int32_t>& tokens) override;
+  void synchronize() const override { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  float* device_master() override { return master_; }
+  float* device_gradients() override { return grads_; }
+  void* cuda_stream() override { return stream_; }
+  void refresh_working_copy() override {
+    if constexpr (kBf16) {
+      const size_t P = layout.total_elements();
+      convert_kernel<<<blocks(P), kThreads, 0, stream_>>>(work_, master_, P);
+      CUDA_CHECK_LAUNCH();
+    }
+  }
+
+ private:
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+
+  struct LayerBuffers {
+    T *norm1_out, *q, *k, *v, *q_normed, *k_normed, *q_rot, *k_rot, *attn_out, *mid, *norm2_out, *gate, *up,
+        *act;
+    float *norm1_mean, *norm1_rstd, *q_rstd, *k_rstd, *probs_or_lse, *norm2_mean, *norm2_rstd;
+  };
+
+  void plan(char* base, size_t* bytes);
+  void upload_batch(const int32_t* inputs, const int32_t* targets, int B, int T_len, const int32_t* positions,
+                    const int32_t* doc_ids);
+  void forward_layers();
+  void layer_forward(int l, const T* x, T* out, LayerBuffers& b);
+  void layer_backward(int l, const T* x, LayerBuffers& b);
+  void backward_from_head();  // after the classifier has written d_norm_out
+  void classifier(bool with_backward, double scale);
+
+  const T* param(const std::string& name) const { return work_ + layout.at(name).offset; }
+  float* grad(const std::string& name) {
+    const TensorInfo& t = layout.at(name);
+    return t.trainable ? grads_ + t.grad_offset : nullptr;
+  }
+  const std::string& name(int l, int i) const { return layer_names_[l][i]; }
+  uint64_t dropout_stream(int layer, int site) const {
+    return (dropout_counter * static_cast<uint64_t>(config.n_layers) + static_cast<uint64_t>(layer)) *
+               kDropoutSites +
+           static_cast<uint64_t>(site);
+  }
+  float dropout_p() const { return training ? static_cast<float>(config.dropout) : 0.0f; }
+  bool flash() const {
+    const int D = config.resolved_head_dim();
+    return D == 64 || D == 128;
+  }
+  AttentionOptions attention_options(int l) const;
+
+  // A parameter gradient for kernels that write T: the fp32 arena itself in fp32 mode, else a zeroed
+  // T buffer whose contents finish_param_grad adds into the arena.
+  T* param_grad_target(float* g, size_t n);
+  void finish_param_grad(float* g, size_t n);
+  void norm_forward(const std::string& prefix, T* residual_out, T* out, float* mean, float* rstd,
+                    const T* residual_in, const T* branch, int rows, int width);
+  void norm_backward(const std::string& prefix, T* dx, const T* dout, const T* x, const float* mean,
+                     const float* rstd, int rows, int width);
+  void linear_forward(const std::string& prefix, T* out, const T* x, int in, int out_features, bool bias);
+  void linear_backward(const std::string& prefix, T* dx, const T* dout, const T* x, int in, int out_features,
+                       bool bias, bool accumulate_dx);
+
+  cudaStream_t stream_ = nullptr;
+  std::vector<std::vector<std::string>> layer_names_;
+  int Bmax_ = 0, Tmax_ = 0, chunk_rows_ = 0;
+
+  // Parameter, gradient and optimizer arenas.
+  float* master_ = nullptr;
+  T* work_ = nullptr;  // == master_ in fp32 mode
+  float* grads_ = nullptr;
+  float *adam_m_ = nullptr, *adam_v_ = nullptr;
+  CudaAdamW adam_;
+  std::vector<const TensorInfo*> trainable_;
+
+  // The activation arena and everything carved from it.
+  char* arena_ = nullptr;
+  size_t arena_bytes_ = 0, activation_bytes_ = 0;
+  T* residuals_ = nullptr;
+  size_t residual_stride_ = 0;
+  std::vector<LayerBuffers> layers_;
+  T *final_norm_out_ = nullptr, *branch_ = nullptr;
+  float *final_mean_ = nullptr, *final_rstd_ = nullptr, *logprobs_ = nullptr, *lse_ = nullptr,
+        *loss_ = nullptr;
+  T *d_residual_ = nullptr, *d_norm_out_ = nullptr, *d_q_ = nullptr, *d_k_ = nullptr, *d_v_ = nullptr,
+    *d_attn_out_ = nullptr, *d_branch_ = nullptr, *d_q_pre_ = nullptr, *d_k_pre_ = nullptr,
+    *d_gate_ = nullptr, *d_up_ = nullptr, *d_act_ = nullptr;
+  float* attn_scratch_ = nullptr;  // dscores [B,Hq,T,T] (simple) or delta [B,Hq,T] (flash)
+  T* classifier_scratch_ = nullptr;
+  float* norm_scratch_ = nullptr;
+  size_t norm_scratch_floats_ = 0;
+  void* embed_scratch_ = nullptr;
+  size_t embed_scratch_bytes_ = 0;
+  T* grad_tmp_ = nullptr;  // bf16 only: one parameter gradient written by a T kernel
+  size_t grad_tmp_elems_ = 0;
+  double* norm_partials_ = nullptr;
+  size_t norm_partials_doubles_ = 0;
+  float *norm_out_ = nullptr, *clip_out_ = nullptr;
+  int32_t *d_inputs_ = nullptr, *d_targets_ = nullptr, *d_positions_ = nullptr, *d_doc_ids_ = nullptr;
+  // Fixed tables.
+  float *rope_cos_ = nullptr, *rope_sin_ = nullptr, *alibi_ = nullptr;
+  T* sinusoidal_ = nullptr;
+
+  int B_ = 0, T_ = 0, target_count_ = 0;
+  bool has_targets_ = false, has_doc_ids_ = false;
+};
+
+template <typename T>
+ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(c, o) {
+  const std::vector<std::string> problems = validate_model_config(config);
+  if (!problems.empty()) throw ConfigError(problems.front());
+  if (options.max_seq <= 0) options.max_seq = config.max_seq_len;
+  if (options.max_batch <= 0) throw std::invalid_argument("max_batch must be positive");
+  if (options.max_seq > config.max_seq_len) {
+    throw std::invalid_argument("sequence length " + std::to_string(options.max_seq) +
+                                " exceeds max_seq_len " + std::to_string(config.max_seq_len));
+  }
+  Bmax_ = options.max_batch;
+  Tmax_ = options.max_seq;
+  const size_t Nmax = static_cast<size_t>(Bmax_) * Tmax_;
+  const int V = config.vocab_size;
+  if (options.classifier_chunk_rows > 0) {
+    chunk_rows_ = options.classifier_chunk_rows;
+  } else {
+    const size_t row_bytes = static_cast<size_t>(classifier_padded_vocab(V)) * sizeof(T);
+    chunk_rows_ = static_cast<int>(std::clamp<size_t>((64u << 20) / row_bytes, 1, 4096));
+  }
+  chunk_rows_ = static_cast<int>(std::min<size_t>(chunk_rows_, Nmax));
+
+  layer_names_.resize(config.n_layers);
+  for (int l = 0; l < config.n_layers; ++l)
+    for (int i = 0; i < kLayerTensorCount; ++i)
+      layer_names_[l].push_back(layer_tensor_name(l, kLayerTensorSuffix[i]));
+  for (const auto& t : layout.tensors())
+    if (t.trainable) trainable_.push_back(&t);
+
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  const size_t P = layout.total_elements(), G = layout.trainable_elements();
+  master_ = static_cast<float*>(
+      device_alloc(P * sizeof(float), "fp32 master weights", "use a smaller model or another GPU"));
+  if constexpr (kBf16) {
+    work_ = static_cast<T*>(device_alloc(P * sizeof(T), "bf16 working weights", "use a smaller model"));
+  } else {
+    work_ = master_;
+  }
+  grads_ = static_cast<float*>(
+      device_alloc(G * sizeof(float), "fp32 gradients", "use a smaller model or freeze tensors (LoRA)"));
+  CUDA_CHECK(cudaMemsetAsync(grads_, 0, G * sizeof(float), stream_));
+
+  size_t bytes = 0;
+  plan(nullptr, &bytes);
+  arena_ = static_cast<char*>(
+      device_alloc(bytes, "activation arena", "lower batch_size or seq_len, or set \"recompute\": true"));
+  arena_bytes_ = bytes;
+  plan(arena_, &bytes);
+
+  // Fixed tables.
+  const int maxT = config.max_seq_len;
+  if (config.uses_rope()) upload_rope_tables(rope_cos_, rope_sin_, rope_params(config), maxT, stream_);
+  if (config.positional_encoding == "sinusoidal")
+    upload_sinusoidal_table(sinusoidal_, maxT, config.d_model, stream_);
+  if (config.positional_encoding == "alibi") {
+    const std::vector<double> slopes = ref::alibi_slopes(config.n_heads);
+    std::vector<float> f(slopes.begin(), slopes.end());
+    CUDA_CHECK(cudaMemcpyAsync(alibi_, f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+template <typename T>
+ModelImpl<T>::~ModelImpl() {
+  // Errors are ignored here: a destructor must not throw, and the process may be tearing down CUDA.
+  if (stream_) cudaStreamSynchronize(stream_);
+  cudaFree(arena_);
+  cudaFree(adam_m_);
+  cudaFree(adam_v_);
+  cudaFree(grads_);
+  if (static_cast<void*>(work_) != static_cast<void*>(master_)) cudaFree(work_);
+  cudaFree(master_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+// Lays out the activation arena; with base == nullptr only the size is computed.
+template <typename T>
+void ModelImpl<T>::plan(char* base, size_t* bytes) {
+  const ModelConfig& c = config;
+  const int B = Bmax_, Tm = Tmax_, C = c.d_model, V = c.vocab_size, D = c.resolved_head_dim();
+  const size_t N = static_cast<size_t>(B) * Tm;
+  const LayerActivationSizes ls = layer_activation_sizes(c, B, Tm);
+  const GlobalActivationSizes gs = global_activation_sizes(c, B, Tm);
+  const size_t rows_attn = static_cast<size_t>(B) * c.n_heads * Tm;
+  const size_t probs = flash() ? rows_attn : rows_attn * Tm;
+  Carver k(base);
+
+  residual_stride_ = N * C;
+  residuals_ = k.take<T>(residual_stride_ * (c.n_layers + 1));
+  const int saved = options.recompute ? 1 : c.n_layers;
+  layers_.assign(saved, LayerBuffers{});
+  for (auto& b : layers_) {
+    b.norm1_out = k.take<T>(ls.norm1_out);
+    b.norm1_mean = k.take<float>(ls.norm1_mean);
+    b.norm1_rstd = k.take<float>(ls.norm1_rstd);
+    b.q = k.take<T>(ls.q);
+    b.k = k.take<T>(ls.k);
+    b.v = k.take<T>(ls.v);
+    b.q_normed = k.take<T>(ls.q_normed);
+    b.k_normed = k.take<T>(ls.k_normed);
+    b.q_rstd = k.take<float>(ls.q_rstd);
+    b.k_rstd = k.take<float>(ls.k_rstd);
+    b.q_rot = k.take<T>(ls.q_rot);
+    b.k_rot = k.take<T>(ls.k_rot);
+    b.probs_or_lse = k.take<float>(probs);
+    b.attn_out = k.take<T>(ls.attn_out);
+    b.mid = k.take<T>(ls.mid);
+    b.norm2_out = k.take<T>(ls.norm2_out);
+    b.norm2_mean = k.take<float>(ls.norm2_mean);
+    b.norm2_rstd = k.take<float>(ls.norm2_rstd);
+    b.gate = k.take<T>(ls.gate);
+    b.up = k.take<T>(ls.up);
+    b.act = k.take<T>(ls.act);
+  }
+  final_norm_out_ = k.take<T>(gs.final_norm_out);
+  final_mean_ = k.take<float>(N);
+  final_rstd_ = k.take<float>(N);
+  logprobs_ = k.take<float>(N);
+  lse_ = k.take<float>(N);
+  loss_ = k.take<float>(1);
+  activation_bytes_ = k.bytes();
+
+  // Backward and kernel scratch.
+  branch_ = k.take<T>(gs.branch);
+  d_residual_ = k.take<T>(gs.d_residual);
+  d_norm_out_ = k.take<T>(gs.d_norm_out);
+  d_q_ = k.take<T>(gs.d_q);
+  d_k_ = k.take<T>(gs.d_k);
+  d_v_ = k.take<T>(gs.d_v);
+  d_attn_out_ = k.take<T>(gs.d_attn_out);
+  d_branch_ = k.take<T>(gs.d_branch);
+  d_q_pre_ = k.take<T>(gs.d_q_pre);
+  d_k_pre_ = k.take<T>(gs.d_k_pre);
+  d_gate_ = k.take<T>(gs.d_gate);
+  d_up_ = k.take<T>(gs.d_up);
+  d_act_ = k.take<T>(gs.d_act);
+  attn_scratch_ = k.take<float>(probs);
+  classifier_scratch_ = k.take<T>(
+      std::max(classifier_scratch_elements(chunk_rows_, V), static_cast<size_t>(classifier_padded_vocab(V))));
+  norm_scratch_floats_ = norm_backward_scratch_floats(static_cast<int>(N), C);
+  if (c.qk_norm) {
+    norm_scratch_floats_ =
+        std::max({norm_scratch_floats_, norm_backward_scratch_floats(static_cast<int>(N) * c.n_heads, D),
+                  norm_backward_scratch_floats(static_cast<int>(N) * c.n_kv_heads, D)});
+  }
+  norm_scratch_ = k.take<float>(norm_scratch_floats_);
+  embed_scratch_bytes_ = embedding_backward_scratch_bytes(static_cast<int>(N), V);
+  if (c.positional_encoding == "learned")
+    embed_scratch_bytes_ = std::max(
+        embed_scratch_bytes_, position_embedding_backward_scratch_bytes(static_cast<int>(N), c.max_seq_len));
+  embed_scratch_ = k.take<char>(embed_scratch_bytes_);
+  if constexpr (kBf16) {
+    // The largest tensor a T-writing kernel produces a gradient for: the token embedding (or positions).
+    grad_tmp_elems_ = static_cast<size_t>(V) * C;
+    if (c.positional_encoding == "learned")
+      grad_tmp_elems_ = std::max(grad_tmp_elems_, static_cast<size_t>(c.max_seq_len) * C);
+    grad_tmp_ = k.take<T>(grad_tmp_elems_);
+  }
+  norm_partials_doubles_ = grad_norm_scratch_doubles(std::max<size_t>(layout.trainable_elements(), 1));
+  norm_partials_ = k.take<double>(norm_partials_doubles_);
+  norm_out_ = k.take<float>(1);
+  clip_out_ = k.take<float>(1);
+  d_inputs_ = k.take<int32_t>(N);
+  d_targets_ = k.take<int32_t>(N);
+  d_positions_ = k.take<int32_t>(N);
+  d_doc_ids_ = k.take<int32_t>(N);
+  if (c.uses_rope()) {
+    const size_t half = static_cast<size_t>(c.max_seq_len) * (D / 2);
+    rope_cos_ = k.take<float>(half);
+    rope_sin_ = k.take<float>(half);
+  }
+  if (c.positional_encoding == "sinusoidal") sinusoidal_ = k.take<T>(static_cast<size_t>(c.max_seq_len) * C);
+  if (c.positional_encoding == "alibi") alibi_ = k.take<float>(c.n_heads);
+  *bytes = k.bytes();
+}
+
+template <typename T>
+MemoryPlan ModelImpl<T>::memory_plan() const {
+  MemoryPlan p;
+  const size_t P = layout.total_elements(), G = layout.trainable_elements();
+  p.parameters = P * sizeof(float) + (kBf16 ? P * sizeof(T) : 0);
+  p.gradients = G * sizeof(float);
+  p.optimizer_state = adam_m_ ? 2 * G * sizeof(float) : 0;
+  p.activations = activation_bytes_;
+  p.scratch = arena_bytes_ - activation_bytes_;
+  return p;
+}
+
+template <typename T>
+void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
+  const size_t P = layout.total_elements();
+  if (values.size() != P) {
+    throw std::invalid_argument("parameter count " + std::to_string(values.size()) +
+                                " does not match the model's " + std::to_string(P));
+  }
+  CUDA_CHECK(cudaMemcpyAsync(master_, values.data(), P * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  refresh_working_copy();
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+template <typename T>
+std::vector<float> ModelImpl<T>::download_parameters() const {
+  std::vector<float> out(layout.total_elements());
+  CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), master_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+template <typename T>
+std::vector<float> ModelImpl<T>::download_gradients() const {
+  std::vector<float> out(layout.trainable_elements());
+  CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), grads_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+template <typename T>
+void ModelImpl<T>::zero_grad() {
+  CUDA_CHECK(cudaMemsetAsync(grads_, 0, layout.trainable_elements() * sizeof(float), stream_));
+}
+
+template <typename T>
+double ModelImpl<T>::grad_norm() {
+  const size_t G = layout.trainable_elements();
+  if (G == 0) return 0.0;
+  global_grad_norm(norm_out_, clip_out_, norm_partials_, norm_partials_doubles_, grads_, G, 0.0f, stream_);
+  float norm = 0.0f;
+  CUDA_CHECK(cudaMemcpyAsync(&norm, norm_out_, sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return norm;
+}
+
+template <typename T>
+void ModelImpl<T>::scale_grads(double factor) {
+  const size_t G = layout.trainable_elements();
+  if (G == 0) return;
+  scale_kernel<<<blocks(G), kThreads, 0, stream_>>>(grads_, G, factor);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void ModelImpl<T>::adamw_init(const CudaAdamW& hyper) {
+  if (hyper.weight_decay.size() != trainable_.size() || hyper.lr_scale.size() != trainable_.size()) {
+    throw std::invalid_argument("adamw_init: expected one weight decay and lr scale per trainable tensor (" +
+                                std::to_string(trainable_.size()) + ")");
+  }
+  adam_ = hyper;
+  const size_t G = layout.trainable_elements();
+  if (!adam_m_) {
+    adam_m_ =
+        static_cast<float*>(device_alloc(G * sizeof(float), "AdamW first moments", "use a smaller model"));
+    adam_v_ =
+        static_cast<float*>(device_alloc(G * sizeof(float), "AdamW second moments", "use a smaller model"));
+  }
+  CUDA_CHECK(cudaMemsetAsync(adam_m_, 0, G * sizeof(float), stream_));
+  CUDA_CHECK(cudaMemsetAsync(adam_v_, 0, G * sizeof(float), stream_));
+}
+
+template <typename T>
+void ModelImpl<T>::adamw_step(double lr, int64_t step) {
+  if (!adam_m_) throw std::logic_error("adamw_step before adamw_init");
+  NvtxRange range("adamw_step");
+  for (size_t t = 0; t < trainable_.size(); ++t) {
+    const TensorInfo& info = *trainable_[t];
+    const size_t n = static_cast<size_t>(info.numel);
+    T* working = kBf16 ? work_ + info.offset : nullptr;  // fp32 mode: the master copy is the working copy
+    adamw_update(working, master_ + info.offset, adam_m_ + info.grad_offset, adam_v_ + info.grad_offset,
+                 grads_ + info.grad_offset, static_cast<const float*>(nullptr), n,
+                 static_cast<float>(lr * adam_.lr_scale[t]), static_cast<float>(adam_.beta1),
+                 static_cast<float>(adam_.beta2), static_cast<float>(adam_.eps),
+                 static_cast<float>(adam_.weight_decay[t]), step, stream_);
+  }
+}
+
+template <typename T>
+std::vector<float> ModelImpl<T>::download_adamw_state(int which, size_t tensor) const {
+  if (!adam_m_ || tensor >= trainable_.size()) throw std::out_of_range("download_adamw_state: no such state");
+  const TensorInfo& info = *trainable_[tensor];
+  std::vector<float> out(static_cast<size_t>(info.numel));
+  const float* src = (which == 0 ? adam_m_ : adam_v_) + info.grad_offset;
+  CUDA_CHECK(cudaMemcpyAsync(out.data(), src, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+template <typename T>
+void ModelImpl<T>::upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) {
+  if (!adam_m_ || tensor >= trainable_.size()) throw std::out_of_range("upload_adamw_state: no such state");
+  const TensorInfo& info = *trainable_[tensor];
+  if (values.size() != static_cast<size_t>(info.numel))
+    throw std::invalid_argument("optimizer state for " + info.name + " has the wrong length");
+  float* dst = (which == 0 ? adam_m_ : adam_v_) + info.grad_offset;
+  CUDA_CHECK(
+      cudaMemcpyAsync(dst, values.data(), values.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+// ---- ops at layer granularity ---------------------------------------------------------------------------
+
+template <typename T>
+T* ModelImpl<T>::param_grad_target(float* g, size_t n) {
+  if (g == nullptr) return nullptr;
+  if constexpr (kBf16) {
+    if (n > grad_tmp_elems_) throw std::logic_error("param_grad_target: scratch too small");
+    CUDA_CHECK(cudaMemsetAsync(grad_tmp_, 0, n * sizeof(T), stream_));
+    return grad_tmp_;
+  } else {
+    return g;
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::finish_param_grad(float* g, size_t n) {
+  if constexpr (kBf16) {
+    if (g == nullptr || n == 0) return;
+    accumulate_float_kernel<<<blocks(n), kThreads, 0, stream_>>>(g, grad_tmp_, n);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::norm_forward(const std::string& prefix, T* residual_out, T* out, float* mean, float* rstd,
+                                const T* residual_in, const T* branch, int rows, int width) {
+  const float eps = static_cast<float>(config.norm_eps);
+  if (config.norm_type == "layernorm") {
+    residual_layernorm_forward(residual_out, out, mean, rstd, residual_in, branch, param(prefix + ".weight"),
+                               param(prefix + ".bias"), rows, width, eps, stream_);
+  } else {
+    residual_rmsnorm_forward(residual_out, out, rstd, residual_in, branch, param(prefix + ".weight"), rows,
+                             width, eps, stream_);
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::norm_backward(const std::string& prefix, T* dx, const T* dout, const T* x,
+                                 const float* mean, const float* rstd, int rows, int width) {
+  // Norm weight and bias gradients (width values each) go through the T scratch in bf16 mode; the
+  // scratch holds both, one after the other.
+  float* gw = grad(prefix + ".weight");
+  const bool layernorm = config.norm_type == "layernorm";
+  float* gb = layernorm ? grad(prefix + ".bias") : nullptr;
+  T* tw = nullptr;
+  T* tb = nullptr;
+  if constexpr (kBf16) {
+    CUDA_CHECK(cudaMemsetAsync(grad_tmp_, 0, 2 * static_cast<size_t>(width) * sizeof(T), stream_));
+    tw = gw ? grad_tmp_ : nullptr;
+    tb = gb ? grad_tmp_ + width : nullptr;
+  } else {
+    tw = gw;
+    tb = gb;
+  }
+  if (layernorm) {
+    residual_layernorm_backward(dx, tw, tb, norm_scratch_, norm_scratch_floats_, dout, x, mean, rstd,
+                                param(prefix + ".weight"), rows, width, stream_);
+  } else {
+    residual_rmsnorm_backward(dx, tw, norm_scratch_, norm_scratch_floats_, dout, x, rstd,
+                              param(prefix + ".weight"), rows, width, stream_);
+  }
+  if constexpr (kBf16) {
+    if (gw) {
+      accumulate_float_kernel<<<blocks(width), kThreads, 0, stream_>>>(gw, grad_tmp_, width);
+      CUDA_CHECK_LAUNCH();
+    }
+    if (gb) {
+      accumulate_float_kernel<<<blocks(width), kThreads, 0, stream_>>>(gb, grad_tmp_ + width, width);
+      CUDA_CHECK_LAUNCH();
+    }
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::linear_forward(const std::string& prefix, T* out, const T* x, int in, int out_features,
+                                  bool bias) {
+  matmul_forward(out, x, param(prefix + ".weight"),
+                 bias ? param(prefix + ".bias") : static_cast<const T*>(nullptr), B_ * T_, in, out_features,
+                 stream_);
+}
+
+template <typename T>
+void ModelImpl<T>::linear_backward(const std::string& prefix, T* dx, const T* dout, const T* x, int in,
+                                   int out_features, bool bias, bool accumulate_dx) {
+  matmul_backward<T, float>(dx, grad(prefix + ".weight"), bias ? grad(prefix + ".bias") : nullptr, dout, x,
+                            param(prefix + ".weight"), B_ * T_, in, out_features, accumulate_dx, stream_);
+}
+
+template <typename T>
+AttentionOptions ModelImpl<T>::attention_options(int l) const {
+  AttentionOptions opt;
+  opt.sliding_window = config.sliding_window;
+  opt.doc_ids = has_doc_ids_ ? d_doc_ids_ : nullptr;
+  opt.alibi_slopes = alibi_;
+  opt.dropout = dropout_p();
+  opt.seed = dropout_seed;
+  opt.stream = dropout_stream(l, kAttentionProbs);
+  return opt;
+}
+
+// ---- forward --------------------------------------------------------------------------------------------
+
+template <typename T>
+void ModelImpl<T>::upload_batch(const int32_t* inputs, const int32_t* targets, int B, int T_len,
+                                const int32_t* positions, const int32_t* doc_ids) {
+  if (B <= 0 || T_len <= 0 || B > Bmax_ || T_len > Tmax_) {
+    throw std::invalid_argument("batch " + std::to_string(B) + "x" + std::to_string(T_len) +
+                                " is outside the planned maximum " + std::to_string(Bmax_) + "x" +
+                                std::to_string(Tmax_));
+  }
+  const int N = B * T_len, V = config.vocab_size;
+  for (int n = 0; n < N; ++n) {
+    if (inputs[n] < 0 || inputs[n] >= V) {
+      throw std::invalid_argument("input token " + std::to_string(inputs[n]) + " at position " +
+                                  std::to_string(n) + " is outside the vocabulary [0, " + std::to_string(V) +
+                                  ")");
+    }
+  }
+  target_count_ = 0;
+  if (targets) {
+    for (int n = 0; n < N; ++n) {
+      const int32_t t = targets[n];
+      if (t != -100 && (t < 0 || t >= V)) {
+        throw std::invalid_argument("target token " + std::to_string(t) + " at position " +
+                                    std::to_string(n) +
+                                    " is outside the vocabulary and is not the ignore index -100");
+      }
+      if (t != -100) ++target_count_;
+    }
+  }
+  std::vector<int32_t> pos(N);
+  if (positions) {
+    for (int n = 0; n < N; ++n) {
+      if (positions[n] < 0 || positions[n] >= config.max_seq_len)
+        throw std::invalid_argument("position " + std::to_string(positions[n]) +
+                                    " is outside [0, max_seq_len)");
+      pos[n] = positions[n];
+    }
+  } else {
+    for (int n = 0; n < N; ++n) pos[n] = n % T_len;
+  }
+  // Copies ordered on our stream (so no kernel reads the buffers before they arrive), then a wait, so
+  // that the caller's buffers (and `pos`) may change as soon as we return.
+  const size_t bytes = static_cast<size_t>(N) * sizeof(int32_t);
+  CUDA_CHECK(cudaMemcpyAsync(d_inputs_, inputs, bytes, cudaMemcpyHostToDevice, stream_));
+  if (targets) CUDA_CHECK(cudaMemcpyAsync(d_targets_, targets, bytes, cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaMemcpyAsync(d_positions_, pos.data(), bytes, cudaMemcpyHostToDevice, stream_));
+  if (doc_ids) CUDA_CHECK(cudaMemcpyAsync(d_doc_ids_, doc_ids, bytes, cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  B_ = B;
+  T_ = T_len;
+  has_targets_ = targets != nullptr;
+  has_doc_ids_ = doc_ids != nullptr;
+}
+
+template <typename T>
+void ModelImpl<T>::forward_layers() {
+  const int N = B_ * T_, C = config.d_model, V = config.vocab_size;
+  {
+    NvtxRange range("embedding");
+    T* x0 = residuals_;
+    embedding_forward(x0, d_inputs_, param("model.embed_tokens.weight"), N, C, V, stream_);
+    if (config.positional_encoding == "learned") {
+      add_position_embedding_forward(x0, param("model.embed_positions.weight"), d_positions_, N, C,
+                                     config.max_seq_len, stream_);
+    } else if (config.positional_encoding == "sinusoidal") {
+      add_position_embedding_forward(x0, static_cast<const T*>(sinusoidal_), d_positions_, N, C,
+                                     config.max_seq_len, stream_);
+    }
+  }
+  for (int l = 0; l < config.n_layers; ++l) {
+    const std::string label = "layer " + std::to_string(l) + " forward";
+    NvtxRange range(label.c_str());
+    layer_forward(l, residuals_ + l * residual_stride_, residuals_ + (l + 1) * residual_stride_,
+                  layers_[options.recompute ? 0 : l]);
+  }
+  NvtxRange range("final norm");
+  norm_forward("model.norm", nullptr, final_norm_out_, final_mean_, final_rstd_,
+               residuals_ + config.n_layers * residual_stride_, nullptr, N, C);
+}
+
+template <typename T>
+void ModelImpl<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
+  const ModelConfig& c = config;
+  const int N = B_ * T_, C = c.d_model, D = c.resolved_head_dim(), F = c.d_ff;
+  const int Q = c.n_heads * D, K = c.n_kv_heads * D;
+  const float p = dropout_p();
+  const size_t NC = static_cast<size_t>(N) * C, NF = static_cast<size_t>(N) * F;
+
+  norm_forward(name(l, kNorm1), nullptr, b.norm1_out, b.norm1_mean, b.norm1_rstd, x, nullptr, N, C);
+  linear_forward(name(l, kQ), b.q, b.norm1_out, C, Q, c.attention_bias);
+  linear_forward(name(l, kK), b.k, b.norm1_out, C, K, c.attention_bias);
+  linear_forward(name(l, kV), b.v, b.norm1_out, C, K, c.attention_bias);
+  const T* q = b.q;
+  const T* k = b.k;
+  const float eps = static_cast<float>(c.norm_eps);
+  if (c.qk_norm) {
+    residual_rmsnorm_forward(static_cast<T*>(nullptr), b.q_normed, b.q_rstd, q,
+                             static_cast<const T*>(nullptr), param(name(l, kQNorm) + ".weight"),
+                             N * c.n_heads, D, eps, stream_);
+    residual_rmsnorm_forward(static_cast<T*>(nullptr), b.k_normed, b.k_rstd, k,
+                             static_cast<const T*>(nullptr), param(name(l, kKNorm) + ".weight"),
+                             N * c.n_kv_heads, D, eps, stream_);
+    q = b.q_normed;
+    k = b.k_normed;
+  }
+  if (c.uses_rope()) {
+    rope_forward(b.q_rot, b.k_rot, q, k, rope_cos_, rope_sin_, d_positions_, N, c.n_heads, c.n_kv_heads, D, 0,
+                 0, c.max_seq_len, stream_);
+    q = b.q_rot;
+    k = b.k_rot;
+  }
+  const AttentionShape shape{B_, T_, c.n_heads, c.n_kv_heads, D};
+  const AttentionOptions opt = attention_options(l);
+  if (flash()) {
+    attention_flash_forward(b.attn_out, b.probs_or_lse, q, k, b.v, shape, opt, stream_);
+  } else {
+    attention_simple_forward(b.attn_out, b.probs_or_lse, q, k, b.v, shape, opt, stream_);
+  }
+
+  linear_forward(name(l, kO), branch_, b.attn_out, Q, C, false);
+  if (p > 0)
+    dropout_forward(branch_, branch_, NC, p, dropout_seed, dropout_stream(l, kAttentionOutput), stream_);
+  // mid = x + branch, then norm2(mid), in one kernel.
+  norm_forward(name(l, kNorm2), b.mid, b.norm2_out, b.norm2_mean, b.norm2_rstd, x, branch_, N, C);
+
+  linear_forward(name(l, kUp), b.up, b.norm2_out, C, F, false);
+  if (c.gated_mlp()) {
+    linear_forward(name(l, kGate), b.gate, b.norm2_out, C, F, false);
+    swiglu_forward(b.act, b.gate, b.up, NF, stream_);
+  } else {
+    activation_forward(b.act, b.up, NF, activation_kind(c), static_cast<float>(c.leaky_relu_slope), stream_);
+  }
+  linear_forward(name(l, kDown), branch_, b.act, F, C, false);
+  if (p > 0) dropout_forward(branch_, branch_, NC, p, dropout_seed, dropout_stream(l, kMlpOutput), stream_);
+  residual_add_kernel<<<blocks(NC), kThreads, 0, stream_>>>(out, b.mid, branch_, NC);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void ModelImpl<T>::classifier(bool with_backward, double scale) {
+  NvtxRange range(with_backward ? "classifier forward+backward" : "classifier forward");
+  const int N = B_ * T_, C = config.d_model, V = config.vocab_size;
+  const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  if (!with_backward) {
+    classifier_forward(logprobs_, lse_, loss_, final_norm_out_, param(head), d_targets_, classifier_scratch_,
+                       chunk_rows_, N, C, V, stream_);
+    return;
+  }
+  // d logprob_n of (scale * mean CE) = -scale / K for every counted token.
+  const float g = target_count_ > 0 ? static_cast<float>(-scale / target_count_) : 0.0f;
+  classifier_forward_backward<T, float>(d_norm_out_, grad(head), logprobs_, lse_, loss_, final_norm_out_,
+                                        param(head), d_targets_, nullptr, g, classifier_scratch_, chunk_rows_,
+                                        N, C, V, stream_);
+}
+
+template <typename T>
+double ModelImpl<T>::forward(const int32_t* inputs, const int32_t* targets, int B, int T_len,
+                             const int32_t* positions, const int32_t* doc_ids, bool with_backward,
+                             double scale) {
+  if (with_backward && !targets) throw std::logic_error("backward needs a forward pass with targets");
+  upload_batch(inputs, targets, B, T_len, positions, doc_ids);
+  forward_layers();
+  if (!targets) return 0.0;
+  classifier(with_backward, scale);
+  if (with_backward) backward_from_head();
+  float loss = 0.0f;
+  CUDA_CHECK(cudaMemcpyAsync(&loss, loss_, sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return loss;
+}
+
+// ---- backward -------------------------------------------------------------------------------------------
+
+template <typename T>
+void ModelImpl<T>::backward_mean_cross_entropy(double scale) {
+  if (!has_targets_) throw std::logic_error("backward needs a forward pass with targets");
+  classifier(true, scale);
+  backward_from_head();
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+template <typename T>
+void ModelImpl<T>::backward_from_head() {
+  const int N = B_ * T_, C = config.d_model, V = config.vocab_size;
+  const size_t NC = static_cast<size_t>(N) * C;
+  CUDA_CHECK(cudaMemsetAsync(d_residual_, 0, NC * sizeof(T), stream_));
+  {
+    NvtxRange range("final norm backward");
+    norm_backward("model.norm", d_residual_, d_norm_out_, residuals_ + config.n_layers * residual_stride_,
+                  final_mean_, final_rstd_, N, C);
+  }
+  for (int l = config.n_layers - 1; l >= 0; --l) {
+    const std::string label = "layer " + std::to_string(l) + " backward";
+    NvtxRange range(label.c_str());
+    LayerBuffers& b = layers_[options.recompute ? 0 : l];
+    T* x = residuals_ + l * residual_stride_;
+    if (options.recompute) layer_forward(l, x, residuals_ + (l + 1) * residual_stride_, b);
+    layer_backward(l, x, b);
+  }
+  NvtxRange range("embedding backward");
+  if (float* d_embed = grad("model.embed_tokens.weight")) {
+    const size_t n = static_cast<size_t>(V) * C;
+    embedding_backward(param_grad_target(d_embed, n), d_residual_, d_inputs_, N, C, V, embed_scratch_,
+                       embed_scratch_bytes_, stream_);
+    finish_param_grad(d_embed, n);
+  }
+  if (config.positional_encoding == "learned") {
+    if (float* d_pos = grad("model.embed_positions.weight")) {
+      const size_t n = static_cast<size_t>(config.max_seq_len) * C;
+      add_position_embedding_backward(param_grad_target(d_pos, n), d_residual_, d_positions_, N, C,
+                                      config.max_seq_len, embed_scratch_, embed_scratch_bytes_, stream_);
+      finish_param_grad(d_pos, n);
+    }
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
+  const ModelConfig& c = config;
+  const int N = B_ * T_, C = c.d_model, D = c.resolved_head_dim(), F = c.d_ff;
+  const int Q = c.n_heads * D, K = c.n_kv_heads * D;
+  const size_t NC = static_cast<size_t>(N) * C, NF = static_cast<size_t>(N) * F;
+  const float p = dropout_p();
+  T* d_res = d_residual_;  // dL/d(layer output) on entry, dL/dx on exit
+
+  // MLP branch: out = mid + dropout(act Wd).
+  const T* d_branch = d_res;
+  if (p > 0) {
+    dropout_backward(d_branch_, d_res, NC, p, dropout_seed, dropout_stream(l, kMlpOutput), stream_);
+    d_branch = d_branch_;
+  }
+  linear_backward(name(l, kDown), d_act_, d_branch, b.act, F, C, false, false);
+  if (c.gated_mlp()) {
+    swiglu_backward(d_gate_, d_up_, d_act_, b.gate, b.up, NF, stream_);
+    linear_backward(name(l, kGate), d_norm_out_, d_gate_, b.norm2_out, C, F, false, false);
+    linear_backward(name(l, kUp), d_norm_out_, d_up_, b.norm2_out, C, F, false, true);
+  } else {
+    activation_backward(d_up_, d_act_, b.up, NF, activation_kind(c), static_cast<float>(c.leaky_relu_slope),
+                        stream_);
+    linear_backward(name(l, kUp), d_norm_out_, d_up_, b.norm2_out, C, F, false, false);
+  }
+  norm_backward(name(l, kNorm2), d_res, d_norm_out_, b.mid, b.norm2_mean, b.norm2_rstd, N, C);
+
+  // Attention branch: mid = x + dropout(attn_out Wo).
+  d_branch = d_res;
+  if (p > 0) {
+    dropout_backward(d_branch_, d_res, NC, p, dropout_seed, dropout_stream(l, kAttentionOutput), stream_);
+    d_branch = d_branch_;
+  }
+  linear_backward(name(l, kO), d_attn_out_, d_branch, b.attn_out, Q, C, false, false);
+  const T* q = c.uses_rope() ? b.q_rot : (c.qk_norm ? b.q_normed : b.q);
+  const T* k = c.uses_rope() ? b.k_rot : (c.qk_norm ? b.k_normed : b.k);
+  const AttentionShape shape{B_, T_, c.n_heads, c.n_kv_heads, D};
+  const AttentionOptions opt = attention_options(l);
+  if (flash()) {
+    attention_flash_backward(d_q_, d_k_, d_v_, attn_scratch_, d_attn_out_, b.attn_out, q, k, b.v,
+                             b.probs_or_lse, shape, opt, stream_);
+  } else {
+    attention_simple_backward(d_q_, d_k_, d_v_, attn_scratch_, d_attn_out_, b.probs_or_lse, q, k, b.v, shape,
+                              opt, stream_);
+  }
+  if (c.uses_rope()) {
+    rope_backward(d_q_, d_k_, d_q_, d_k_, rope_cos_, rope_sin_, d_positions_, N, c.n_heads, c.n_kv_heads, D,
+                  0, 0, c.max_seq_len, stream_);
+  }
+  const T* d_q = d_q_;
+  const T* d_k = d_k_;
+  if (c.qk_norm) {
+    // The norm backward accumulates into its input gradient, so start from zero.
+    CUDA_CHECK(cudaMemsetAsync(d_q_pre_, 0, static_cast<size_t>(N) * Q * sizeof(T), stream_));
+    CUDA_CHECK(cudaMemsetAsync(d_k_pre_, 0, static_cast<size_t>(N) * K * sizeof(T), stream_));
+    const std::string qn = name(l, kQNorm) + ".weight", kn = name(l, kKNorm) + ".weight";
+    float* gq = grad(qn);
+    residual_rmsnorm_backward(d_q_pre_, param_grad_target(gq, D), norm_scratch_, norm_scratch_floats_, d_q_,
+                              b.q, b.q_rstd, param(qn), N * c.n_heads, D, stream_);
+    finish_param_grad(gq, D);
+    float* gk = grad(kn);
+    residual_rmsnorm_backward(d_k_pre_, param_grad_target(gk, D), norm_scratch_, norm_scratch_floats_, d_k_,
+                              b.k, b.k_rstd, param(kn), N * c.n_kv_heads, D, stream_);
+    finish_param_grad(gk, D);
+    d_q = d_q_pre_;
+    d_k = d_k_pre_;
+  }
+  linear_backward(name(l, kQ), d_norm_out_, d_q, b.norm1_out, C, Q, c.attention_bias, false);
+  linear_backward(name(l, kK), d_norm_out_, d_k, b.norm1_out, C, K, c.attention_bias, true);
+  linear_backward(name(l, kV), d_norm_out_, d_v_, b.norm1_out, C, K, c.attention_bias, true);
+  norm_backward(name(l, kNorm1), d_res, d_norm_out_, x, b.norm1_mean, b.norm1_rstd, N, C);
+}
+
+// ---- sampling -------------------------------------------------------------------------------------------
+
+template <typename T>
+std::vector<float> ModelImpl<T>::next_token_logits(const std::vector<int32_t>& tokens) {
+  if (tokens.empty()) throw std::invalid_argument("next_token_logits needs at least one token");
+  const bool was_training = training;
+  training = false;
+  const size_t start = tokens.size() > static_cast<size_t>(Tmax_) ? tokens.size() - Tmax_ : 0;
+  const int T_len = static_cast<int>(tokens.size() - start);
+  try {
+    upload_batch(tokens.data() + start, nullptr, 1, T_len, nullptr, nullptr);
+    forward_layers();
+  } catch (...) {
+    training = was_training;
+    throw;
+  }
+  training = was_training;
+  // Logits of the last row only: [1, C] x W^T into the classifier scratch.
+  const int C = config.d_model, V = config.vocab_size;
+  const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  const T* last = final_norm_out_ + static_cast<size_t>(T_len - 1) * C;
+  matmul_forward(classifier_scratch_, last, param(head), static_cast<const T*>(nullptr), 1, C, V, stream_);
+  std::vector<T> host(V);
+  CUDA_CHECK(
+      cudaMemcpyAsync(host.data(), classifier_scratch_, V * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  std::vector<float> out(V);
+  for (int v = 0; v < V; ++v) {
+    if constexpr (kBf16) {
+      out[v] = __bfloat162float(host[v]);
+    } else {
+      out[v] = host[v];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---- CudaModel ------------------------------------------------------------------------------------------
+
+CudaModel::CudaModel(const ModelConfig& config, const CudaModelOptions& options) {
+  if (options.precision == Precision::kFp32) {
+    impl_ = std::make_unique<ModelImpl<float>>(config, options);
+  } else {
+    impl_ = std::make_unique<ModelImpl<__nv_bfloat16>>(config, options);
+  }
+}
+CudaModel::~CudaModel() = default;
+
+const ModelConfig& CudaModel::config() const {
+  return impl_->config;
+}
+const CudaModelOptions& CudaModel::options() const {
+  return impl_->options;
+}
+const ParameterLayout& CudaModel::layout() const {
+  return impl_->layout;
+}
+MemoryPlan CudaModel::memory_plan() const {
+  return impl_->memory_plan();
+}
+void CudaModel::upload_parameters(const std::vector<float>& values) {
+  impl_->upload_parameters(values);
+}
+std::vector<float> CudaModel::download_parameters() const {
+  return impl_->download_parameters();
+}
+std::vector<float> CudaModel::download_gradients() const {
+  return impl_->download_gradients();
+}
+void CudaModel::set_dropout_rng(uint64_t seed, uint64_t counter) {
+  impl_->dropout_seed = seed;
+  impl_->dropout_counter = counter;
+}
+void CudaModel::set_training(bool training) {
+  impl_->training = training;
+}
+double CudaModel::forward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                          const int32_t* positions, const int32_t* doc_ids) {
+  return impl_->forward(inputs, targets, B, T, positions, doc_ids, false, 0.0);
+}
+void CudaModel::backward_mean_cross_entropy(double scale) {
+  impl_->backward_mean_cross_entropy(scale);
+}
+double CudaModel::forward_backward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                                   const int32_t* positions, const int32_t* doc_ids, double scale) {
+  return impl_->forward(inputs, targets, B, T, positions, doc_ids, true, scale);
+}
+int CudaModel::target_count() const {
+  return impl_->target_count();
+}
+void CudaModel::zero_grad() {
+  impl_->zero_grad();
+}
+double CudaModel::grad_norm() {
+  return impl_->grad_norm();
+}
+void CudaModel::scale_grads(double factor) {
+  impl_->scale_grads(factor);
+}
+void CudaModel::adamw_init(const CudaAdamW& hyper) {
+  impl_->adamw_init(hyper);
+}
+void CudaModel::adamw_step(double lr, int64_t step) {
+  impl_->adamw_step(lr, step);
+}
+std::vector<float> CudaModel::download_adamw_state(int which, size_t tensor) const {
+  return impl_->download_adamw_state(which, tensor);
+}
+void CudaModel::upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) {
+  impl_->upload_adamw_state(which, tensor, values);
+}
+std::vector<float> CudaModel::next_token_logits(const std::vector<int32_t>& tokens) {
+  return impl_->next_token_logits(tokens);
+}
+void CudaModel::synchronize() const {
+  impl_->synchronize();
+}
+
+}  // namespace llm::cuda

@@ -1,0 +1,115 @@
+// The transformer on the GPU: the same forward and backward as llm/model.cpp (same layer order, same
+// Philox dropout streams, positions and document ids, qk_norm, RoPE, ALiBi, sliding window, tied head),
+// written with the CUDA kernels of kernels/*.cuh. This header is plain C++ (no CUDA types), so that code
+// in train/ can include it; everything CUDA lives in kernels/cuda_model.cu.
+//
+// Storage. Parameters are kept twice: fp32 master weights (what the optimizer updates and what
+// download_parameters returns) and a working copy in the storage type (bf16 in training; in the fp32
+// test mode the working copy IS the master copy). Gradients are fp32 and accumulate (+=). Activations
+// live in one device arena planned from the config, the batch and the sequence length before any work
+// (the same per-layer sizes as llm/memory_plan.h, except that the flash path saves the per-row
+// log-sum-exp instead of the probabilities). The LM head and the cross-entropy run in the fused,
+// chunked classifier, so the full [N, V] logits never exist.
+//
+// Attention path: the flash kernels when head_dim is 64 or 128, else the simple kernels (which save
+// the fp32 probabilities, as the CPU reference does).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "llm/config.h"
+#include "llm/memory_plan.h"
+#include "llm/params.h"
+
+namespace llm::cuda {
+
+enum class Precision { kFp32, kBf16 };
+// "fp32" | "bf16"; throws std::invalid_argument for anything else.
+Precision parse_precision(const std::string& name);
+const char* precision_name(Precision precision);
+
+struct CudaModelOptions {
+  int max_batch = 1;       // the largest batch the arena is planned for
+  int max_seq = 0;         // the longest sequence (0 means config.max_seq_len)
+  bool recompute = false;  // keep only each layer's input; re-run the layer's forward in backward
+  Precision precision = Precision::kBf16;
+  int classifier_chunk_rows = 0;  // 0: chosen from the vocabulary size (about 64 MB of logits per chunk)
+};
+
+// AdamW hyperparameters, and per trainable tensor (layout order) its weight decay and lr multiplier.
+struct CudaAdamW {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  std::vector<double> weight_decay, lr_scale;
+};
+
+class CudaModel {
+ public:
+  CudaModel(const ModelConfig& config, const CudaModelOptions& options);
+  ~CudaModel();
+  CudaModel(const CudaModel&) = delete;
+  CudaModel& operator=(const CudaModel&) = delete;
+
+  const ModelConfig& config() const;
+  const CudaModelOptions& options() const;
+  const ParameterLayout& layout() const;
+  // Bytes per kind on the device (optimizer state included once adamw_init has run).
+  MemoryPlan memory_plan() const;
+
+  // Host float vectors in ParameterLayout order (total_elements()). Upload sets master and working copy.
+  void upload_parameters(const std::vector<float>& values);
+  std::vector<float> download_parameters() const;
+  // The fp32 gradient arena (trainable_elements(), grad_offset order).
+  std::vector<float> download_gradients() const;
+
+  void set_dropout_rng(uint64_t seed, uint64_t counter);
+  void set_training(bool training);
+
+  // Forward on B x T host tokens (as llm::Model::forward). With targets it returns the mean cross-entropy
+  // over the non-ignored tokens; without, it returns 0. positions / doc_ids (B*T) may be null.
+  double forward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                 const int32_t* positions = nullptr, const int32_t* doc_ids = nullptr);
+  // Backward of the last forward's mean cross-entropy times `scale`; gradients accumulate.
+  // (It re-runs the LM head: use forward_backward when both are wanted.)
+  void backward_mean_cross_entropy(double scale = 1.0);
+  // forward + backward_mean_cross_entropy with one pass of the fused classifier. Returns the loss.
+  double forward_backward(const int32_t* inputs, const int32_t* targets, int B, int T,
+                          const int32_t* positions, const int32_t* doc_ids, double scale);
+  int target_count() const;
+
+  void zero_grad();
+  // Global L2 norm of the gradients (NaN/Inf when one is not finite).
+  double grad_norm();
+  void scale_grads(double factor);
+
+  // AdamW with fp32 state (m, v) on the device. adamw_init allocates zeroed state; step counts from 1.
+  void adamw_init(const CudaAdamW& hyper);
+  void adamw_step(double lr, int64_t step);
+  // m (which = 0) or v (which = 1) of trainable tensor `tensor` (index among the trainable tensors).
+  std::vector<float> download_adamw_state(int which, size_t tensor) const;
+  void upload_adamw_state(int which, size_t tensor, const std::vector<float>& values);
+
+  // Logits of the last position of one sequence (dropout off; the last max_seq tokens are used).
+  std::vector<float> next_token_logits(const std::vector<int32_t>& tokens);
+
+  // Waits for the device.
+  void synchronize() const;
+
+  // For optimizers that run outside this class (kernels/cuda_optimizers.h): device pointers to the fp32
+  // master weights (layout offsets) and fp32 gradients (grad offsets), the cudaStream_t all work runs
+  // on, and the refresh of the working copy after the master weights were changed directly.
+  float* device_master();
+  float* device_gradients();
+  void* cuda_stream();
+  void refresh_working_copy();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace llm::cuda

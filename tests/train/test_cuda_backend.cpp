@@ -1,0 +1,486 @@
+// The CUDA backend against the CPU backend. Every test skips, with the reason printed, where no GPU is
+// usable; they run on the GPU machine (dev/gpu/check.sh).
+//   - whole-model gradients, fp32 mode, across rope/alibi/learned x gqa/mha x rmsnorm/layernorm x
+//     swiglu/gelu, plus dropout/qk_norm/window/doc ids, the flash path (head_dim 64), an untied head with
+//     Q/K/V biases, and recompute; gradient accumulation (two micro-batches) included;
+//   - the same in bf16 mode, within 2e-2;
+//   - determinism: two runs give bitwise equal losses and weights;
+//   - the demo config, 20 steps on CUDA (bf16) against the CPU fp32 run, losses within 2e-2 relative;
+//   - a run stopped and resumed from its checkpoint continues bit for bit on CUDA.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "data/byte_tokenizer.h"
+#include "data/loader.h"
+#include "kernels/cuda_runtime.h"
+#include "train/cpu_backend.h"
+#include "train/cuda_backend.h"
+#include "train/train_config.h"
+#include "train/trainer.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using llm::BackendOptions;
+using llm::CpuBackend;
+using llm::CudaBackend;
+using llm::ModelConfig;
+using llm::OptimizerConfig;
+using llm::TokenBatch;
+using llm::TrainBackend;
+using llm::cuda::Precision;
+
+#define SKIP_WITHOUT_GPU()                                                     \
+  do {                                                                         \
+    if (llm::cuda::device_count() == 0) {                                      \
+      GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason(); \
+    }                                                                          \
+  } while (0)
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "llm_cuda_backend_XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  fs::path path_;
+};
+
+struct Arch {
+  std::string positional, attention, norm, activation;
+};
+
+ModelConfig tiny_model(const Arch& a) {
+  ModelConfig c;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.attention_type = a.attention;
+  c.n_kv_heads = a.attention == "mha" ? 4 : 2;
+  c.d_ff = 48;
+  c.n_layers = 2;
+  c.vocab_size = 67;  // odd on purpose: the classifier pads rows to a multiple of 8
+  c.max_seq_len = 16;
+  c.positional_encoding = a.positional;
+  c.norm_type = a.norm;
+  c.activation = a.activation;
+  return c;
+}
+
+BackendOptions backend_options(int B, int T, bool recompute = false) {
+  BackendOptions o;
+  o.max_batch = B;
+  o.max_seq = T;
+  o.recompute = recompute;
+  o.seed = 1234;
+  o.weight_decay = 0.1;
+  return o;
+}
+
+struct Batch {
+  int B, T;
+  std::vector<int32_t> inputs, targets, positions, doc_ids;
+  TokenBatch view(bool packed) const {
+    TokenBatch b;
+    b.B = B;
+    b.T = T;
+    b.inputs = inputs.data();
+    b.targets = targets.data();
+    if (packed) {
+      b.positions = positions.data();
+      b.doc_ids = doc_ids.data();
+    }
+    return b;
+  }
+};
+
+// Random tokens; a few ignored targets; two documents per row (positions restart at the boundary).
+Batch random_batch(int B, int T, int V, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> tok(0, V - 1);
+  Batch b{B, T, {}, {}, {}, {}};
+  for (int r = 0; r < B; ++r) {
+    const int split = T / 2 + r % 3;
+    for (int t = 0; t < T; ++t) {
+      b.inputs.push_back(tok(rng));
+      b.targets.push_back(t % 5 == 3 ? -100 : tok(rng));
+      b.positions.push_back(t < split ? t : t - split);
+      b.doc_ids.push_back(t < split ? 0 : 1);
+    }
+  }
+  return b;
+}
+
+// max |a - b| / max |a| over one tensor.
+double max_rel(const float* a, const float* b, size_t n) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
+    scale = std::max(scale, std::fabs(static_cast<double>(a[i])));
+  }
+  return scale > 0.0 ? diff / scale : diff;
+}
+
+// ||a - b||_2 / ||a||_2 over one tensor.
+double l2_rel(const float* a, const float* b, size_t n) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    diff += d * d;
+    scale += static_cast<double>(a[i]) * a[i];
+  }
+  return scale > 0.0 ? std::sqrt(diff / scale) : std::sqrt(diff);
+}
+
+// Two micro-batches (gradient accumulation, scale 1/2 each) on both backends; compares the losses and
+// every gradient tensor.
+void compare_gradients(const ModelConfig& config, Precision precision, double tolerance, bool packed = false,
+                       bool recompute = false) {
+  const int B = 2, T = 12;
+  OptimizerConfig opt;
+  CpuBackend cpu(config, opt, backend_options(B, T, recompute));
+  CudaBackend gpu(config, opt, backend_options(B, T, recompute), precision);
+  ASSERT_EQ(cpu.read_parameters(), gpu.read_parameters()) << "the initial weights differ";
+  cpu.zero_grad();
+  gpu.zero_grad();
+  for (int micro = 0; micro < 2; ++micro) {
+    const Batch batch = random_batch(B, T, config.vocab_size, 7 + micro);
+    const double lc = cpu.forward_backward(batch.view(packed), 0.5, 11 + micro);
+    const double lg = gpu.forward_backward(batch.view(packed), 0.5, 11 + micro);
+    EXPECT_NEAR(lg, lc, tolerance * std::fabs(lc)) << "loss of micro-batch " << micro;
+  }
+  const std::vector<float>& gc = cpu.model().gradients();
+  const std::vector<float> gg = gpu.model().download_gradients();
+  ASSERT_EQ(gc.size(), gg.size());
+  for (const auto& t : cpu.layout().tensors()) {
+    if (!t.trainable) continue;
+    const size_t n = static_cast<size_t>(t.numel);
+    const double err = precision == Precision::kFp32
+                           ? max_rel(gc.data() + t.grad_offset, gg.data() + t.grad_offset, n)
+                           : l2_rel(gc.data() + t.grad_offset, gg.data() + t.grad_offset, n);
+    EXPECT_LT(err, tolerance) << t.name;
+  }
+}
+
+// fp32 mode: cuBLASLt runs pedantic fp32 (no TF32), but its GEMMs, the norm and attention reductions and
+// the classifier's online softmax sum in other orders than the CPU loops. Over a tensor, relative to its
+// largest gradient, that leaves a few 1e-6 and occasionally more where gradients of many tokens cancel,
+// so 1e-5 is not guaranteed by construction; the bound is 1e-4.
+constexpr double kFp32Tolerance = 1e-4;
+constexpr double kBf16Tolerance = 2e-2;
+
+std::vector<Arch> all_archs() {
+  std::vector<Arch> out;
+  for (const char* pos : {"rope", "alibi", "learned"})
+    for (const char* att : {"gqa", "mha"})
+      for (const char* norm : {"rmsnorm", "layernorm"})
+        for (const char* act : {"swiglu", "gelu"}) out.push_back({pos, att, norm, act});
+  return out;
+}
+
+std::string label(const Arch& a) {
+  return a.positional + "/" + a.attention + "/" + a.norm + "/" + a.activation;
+}
+
+TEST(CudaBackend, GradientsMatchCpuFp32AcrossArchitectures) {
+  SKIP_WITHOUT_GPU();
+  for (const Arch& a : all_archs()) {
+    SCOPED_TRACE(label(a));
+    compare_gradients(tiny_model(a), Precision::kFp32, kFp32Tolerance);
+  }
+}
+
+TEST(CudaBackend, GradientsMatchCpuFp32WithOptions) {
+  SKIP_WITHOUT_GPU();
+  {
+    SCOPED_TRACE("dropout, qk_norm, sliding window, packed documents");
+    ModelConfig c = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+    c.dropout = 0.1;
+    c.qk_norm = true;
+    c.sliding_window = 5;
+    compare_gradients(c, Precision::kFp32, kFp32Tolerance, /*packed=*/true);
+  }
+  {
+    SCOPED_TRACE("untied head, Q/K/V biases, sinusoidal positions, tanh gelu");
+    ModelConfig c = tiny_model({"sinusoidal", "gqa", "layernorm", "gelu"});
+    c.tie_word_embeddings = false;
+    c.attention_bias = true;
+    c.gelu_approximation = "tanh";
+    compare_gradients(c, Precision::kFp32, kFp32Tolerance);
+  }
+  {
+    SCOPED_TRACE("flash attention path (head_dim 64) with dropout and alibi");
+    ModelConfig c = tiny_model({"alibi", "gqa", "rmsnorm", "swiglu"});
+    c.d_model = 128;
+    c.n_heads = 2;
+    c.n_kv_heads = 1;
+    c.d_ff = 96;
+    c.dropout = 0.1;
+    compare_gradients(c, Precision::kFp32, kFp32Tolerance, /*packed=*/true);
+  }
+  {
+    SCOPED_TRACE("recompute");
+    ModelConfig c = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+    c.dropout = 0.1;
+    compare_gradients(c, Precision::kFp32, kFp32Tolerance, false, /*recompute=*/true);
+  }
+}
+
+TEST(CudaBackend, GradientsMatchCpuBf16) {
+  SKIP_WITHOUT_GPU();
+  for (const Arch& a : all_archs()) {
+    SCOPED_TRACE(label(a));
+    compare_gradients(tiny_model(a), Precision::kBf16, kBf16Tolerance);
+  }
+  ModelConfig flash = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+  flash.d_model = 128;
+  flash.n_heads = 2;
+  flash.n_kv_heads = 1;
+  SCOPED_TRACE("flash (tensor cores)");
+  compare_gradients(flash, Precision::kBf16, kBf16Tolerance);
+}
+
+TEST(CudaBackend, EvaluateAndLogitsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+  OptimizerConfig opt;
+  CpuBackend cpu(c, opt, backend_options(2, 12));
+  CudaBackend gpu(c, opt, backend_options(2, 12), Precision::kFp32);
+  const Batch batch = random_batch(2, 12, c.vocab_size, 3);
+  const double ec = cpu.evaluate(batch.view(false));
+  EXPECT_NEAR(gpu.evaluate(batch.view(false)), ec, kFp32Tolerance * std::fabs(ec));
+  const std::vector<int32_t> prompt = {1, 5, 9, 2, 60};
+  const std::vector<float> lc = cpu.next_token_logits(prompt), lg = gpu.next_token_logits(prompt);
+  ASSERT_EQ(lc.size(), lg.size());
+  EXPECT_LT(max_rel(lc.data(), lg.data(), lc.size()), kFp32Tolerance);
+}
+
+// Trains `steps` optimizer steps directly on the backend; returns the losses.
+std::vector<double> train_steps(TrainBackend& backend, int steps, const ModelConfig& c) {
+  std::vector<double> losses;
+  for (int s = 1; s <= steps; ++s) {
+    backend.zero_grad();
+    const Batch batch = random_batch(2, 12, c.vocab_size, 100 + s);
+    losses.push_back(backend.forward_backward(batch.view(true), 1.0, static_cast<uint64_t>(s)));
+    const double norm = backend.grad_norm();
+    if (norm > 1.0) backend.scale_grads(1.0 / norm);
+    backend.optimizer_step(1e-3, s);
+  }
+  return losses;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
+}
+
+TEST(CudaBackend, TwoRunsAreBitwiseEqual) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+  c.dropout = 0.1;
+  for (Precision p : {Precision::kBf16, Precision::kFp32}) {
+    SCOPED_TRACE(llm::cuda::precision_name(p));
+    OptimizerConfig opt;
+    CudaBackend a(c, opt, backend_options(2, 12), p), b(c, opt, backend_options(2, 12), p);
+    const std::vector<double> la = train_steps(a, 5, c), lb = train_steps(b, 5, c);
+    EXPECT_TRUE(same_bits(la, lb));
+    EXPECT_TRUE(same_bits(a.read_parameters(), b.read_parameters()));
+  }
+}
+
+TEST(CudaBackend, OptimizerStepMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = tiny_model({"learned", "mha", "layernorm", "gelu"});
+  OptimizerConfig opt;
+  CpuBackend cpu(c, opt, backend_options(2, 12));
+  CudaBackend gpu(c, opt, backend_options(2, 12), Precision::kFp32);
+  train_steps(cpu, 3, c);
+  train_steps(gpu, 3, c);
+  const std::vector<float> pc = cpu.read_parameters(), pg = gpu.read_parameters();
+  EXPECT_LT(max_rel(pc.data(), pg.data(), pc.size()), 1e-4);
+}
+
+// ---- through the trainer ----------------------------------------------------------------------------------
+
+llm::json demo_config(const std::string& output_dir) {
+  std::ifstream in(std::string(LLM_SOURCE_DIR) + "/train/configs/demo.json");
+  llm::json object = llm::json::parse(in);
+  object["output_dir"] = output_dir;
+  object["max_steps"] = 20;
+  object["eval_every"] = 0;
+  object["save_every"] = 0;
+  object["log_every"] = 1;
+  return object;
+}
+
+// The loaders and the trainer of run_pretraining around a backend chosen by `device`.
+struct Pipeline {
+  llm::TrainConfig config;
+  llm::data::ByteTokenizer tokenizer;
+  std::unique_ptr<llm::data::BatchSource> train;
+  std::unique_ptr<TrainBackend> backend;
+  std::unique_ptr<llm::Trainer> trainer;
+
+  Pipeline(const llm::json& object, Precision precision = Precision::kBf16)
+      : config(llm::train_config_from_json(object, "test config")) {
+    llm::data::LoadOptions load;
+    load.model_vocab_size = config.model.vocab_size;
+    const auto sets = llm::data::load_datasets(config.datasets, tokenizer, load);
+    llm::data::LoaderOptions lo;
+    lo.B = config.batch_size;
+    lo.T = config.resolved_seq_len();
+    lo.seed = config.seed;
+    lo.val_fraction = config.val_fraction;
+    lo.split = llm::data::Split::kTrain;
+    train = std::make_unique<llm::data::PretrainLoader>(sets, lo);
+    BackendOptions bo;
+    bo.max_batch = config.batch_size;
+    bo.max_seq = config.resolved_seq_len();
+    bo.recompute = config.recompute;
+    bo.seed = config.seed;
+    bo.weight_decay = config.weight_decay;
+    backend = llm::make_backend(config.device, config.model, config.optimizer, bo, precision);
+  }
+  llm::RunResult run(llm::RunOptions options = {}, TrainBackend* via = nullptr) {
+    options.print = false;
+    trainer = std::make_unique<llm::Trainer>(config, via ? *via : *backend, *train, nullptr, tokenizer);
+    return trainer->run(options);
+  }
+};
+
+TEST(CudaBackend, DemoConfigTracksCpuFor20Steps) {
+  SKIP_WITHOUT_GPU();
+  TempDir dir;
+  llm::json cpu_cfg = demo_config(dir / "cpu"), gpu_cfg = demo_config(dir / "gpu");
+  cpu_cfg["device"] = "cpu";
+  gpu_cfg["device"] = "cuda";
+  Pipeline cpu(cpu_cfg), gpu(gpu_cfg);
+  ASSERT_EQ(gpu.backend->name(), "cuda");
+  const llm::RunResult rc = cpu.run(), rg = gpu.run();
+  ASSERT_EQ(rc.losses.size(), 20u);
+  ASSERT_EQ(rg.losses.size(), 20u);
+  for (size_t i = 0; i < rc.losses.size(); ++i)
+    EXPECT_NEAR(rg.losses[i], rc.losses[i], 2e-2 * std::fabs(rc.losses[i])) << "step " << i + 1;
+}
+
+// Throws at the given forward_backward call, as if the process died.
+class CrashingBackend : public TrainBackend {
+ public:
+  CrashingBackend(TrainBackend& inner, int64_t crash_at) : inner_(inner), crash_at_(crash_at) {}
+  std::string name() const override { return inner_.name(); }
+  const llm::ParameterLayout& layout() const override { return inner_.layout(); }
+  llm::MemoryPlan memory_plan() const override { return inner_.memory_plan(); }
+  double forward_backward(const TokenBatch& b, double scale, uint64_t counter) override {
+    if (++calls_ == crash_at_) throw std::runtime_error("simulated crash");
+    return inner_.forward_backward(b, scale, counter);
+  }
+  double evaluate(const TokenBatch& b) override { return inner_.evaluate(b); }
+  std::vector<float> next_token_logits(const std::vector<int32_t>& t) override {
+    return inner_.next_token_logits(t);
+  }
+  void zero_grad() override { inner_.zero_grad(); }
+  double grad_norm() override { return inner_.grad_norm(); }
+  void scale_grads(double f) override { inner_.scale_grads(f); }
+  void optimizer_step(double lr, int64_t step) override { inner_.optimizer_step(lr, step); }
+  bool wants_hessian_estimate(int64_t step) const override { return inner_.wants_hessian_estimate(step); }
+  void update_hessian_estimate(const TokenBatch& b, int n, uint64_t c) override {
+    inner_.update_hessian_estimate(b, n, c);
+  }
+  std::vector<float> read_parameters() override { return inner_.read_parameters(); }
+  void write_parameters(const std::vector<float>& v) override { inner_.write_parameters(v); }
+  std::vector<llm::StateBuffer> optimizer_state() override { return inner_.optimizer_state(); }
+  void load_optimizer_state(const std::vector<llm::StateBuffer>& s) override {
+    inner_.load_optimizer_state(s);
+  }
+  std::string optimizer_name() const override { return inner_.optimizer_name(); }
+
+ private:
+  TrainBackend& inner_;
+  int64_t crash_at_, calls_ = 0;
+};
+
+TEST(CudaBackend, ResumeIsBitwiseEqual) {
+  SKIP_WITHOUT_GPU();
+  TempDir dir;
+  auto config = [&](const std::string& out) {
+    llm::json object = demo_config(dir / out);
+    object["device"] = "cuda";
+    object["model"]["dropout"] = 0.1;  // the dropout counter must continue too
+    object["max_steps"] = 8;
+    object["save_every"] = 4;
+    object["batch_size"] = 4;
+    object["gradient_accumulation_steps"] = 2;
+    return object;
+  };
+  Pipeline straight(config("a"));
+  const llm::RunResult ra = straight.run();
+  ASSERT_EQ(ra.losses.size(), 8u);
+  {
+    Pipeline first(config("b"));
+    CrashingBackend crashing(*first.backend, 5 * 2 + 2);  // the second micro-batch of step 6
+    EXPECT_THROW(first.run({}, &crashing), std::runtime_error);
+  }
+  Pipeline second(config("b"));
+  llm::RunOptions resume;
+  resume.resume_path = dir / "b/latest.ckpt";
+  const llm::RunResult rb = second.run(resume);
+  ASSERT_EQ(rb.losses.size(), 4u);
+  EXPECT_TRUE(same_bits(std::vector<double>(ra.losses.begin() + 4, ra.losses.end()), rb.losses));
+  EXPECT_TRUE(same_bits(straight.backend->read_parameters(), second.backend->read_parameters()));
+}
+
+// ---- errors -----------------------------------------------------------------------------------------------
+
+TEST(CudaBackend, UnsupportedOptimizerIsAClearError) {
+  SKIP_WITHOUT_GPU();
+  OptimizerConfig opt;
+  opt.name = "lion";
+  try {
+    CudaBackend b(tiny_model({"rope", "gqa", "rmsnorm", "swiglu"}), opt, backend_options(1, 8));
+    FAIL() << "expected an error";
+  } catch (const llm::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("\"lion\" is not yet available on device \"cuda\""),
+              std::string::npos)
+        << e.what();
+  }
+  // "auto" stays on the CPU for it.
+  EXPECT_EQ(
+      llm::make_backend("auto", tiny_model({"rope", "gqa", "rmsnorm", "swiglu"}), opt, backend_options(1, 8))
+          ->name(),
+      "cpu");
+}
+
+// Runs everywhere: without a GPU, "cuda" is one clear error and "auto" picks the CPU.
+TEST(CudaBackend, DeviceSelectionWithoutGpu) {
+  if (llm::cuda::device_count() > 0) GTEST_SKIP() << "a GPU is present; this checks the no-GPU path";
+  OptimizerConfig opt;
+  const ModelConfig c = tiny_model({"rope", "gqa", "rmsnorm", "swiglu"});
+  try {
+    llm::make_backend("cuda", c, opt, backend_options(1, 8));
+    FAIL() << "expected an error";
+  } catch (const llm::ConfigError& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("device \"cuda\" requested but no usable CUDA device: ", 0), 0u)
+        << e.what();
+  }
+  EXPECT_EQ(llm::make_backend("auto", c, opt, backend_options(1, 8))->name(), "cpu");
+  EXPECT_EQ(llm::resolve_device("auto"), "cpu");
+}
+
+}  // namespace
