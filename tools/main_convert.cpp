@@ -7,6 +7,9 @@
 //       meta.model = the imported ModelConfig. It holds weights only (no optimizer state, no step).
 //   ./convert --ckpt-in FILE --hf-out DIR [--tokenizer-from DIR] [--dtype ...] [--max-shard-size ...]
 //       our checkpoint -> HF folder (config.json, generation_config.json, safetensors, tokenizer files).
+//   ./convert (--hf-in DIR | --ckpt-in FILE) --gguf-out FILE [--gguf-type f16] [--gguf-arch
+//   llama|qwen2|qwen3]
+//       a merged model -> GGUF for llama.cpp and Ollama, with the tokenizer from tokenizer.json.
 //
 // Inputs are checked before anything is written: the config is imported (or read from the checkpoint)
 // and every tensor must match the parameter layout by name and shape. The steps are printed.
@@ -18,6 +21,7 @@
 #include <vector>
 
 #include "llm/config.h"
+#include "llm/gguf.h"
 #include "llm/hf_config.h"
 #include "llm/hf_model.h"
 #include "llm/params.h"
@@ -36,13 +40,18 @@ void usage() {
       "  ./convert --hf-in DIR --ckpt-out FILE\n"
       "  ./convert --ckpt-in FILE --hf-out DIR [--tokenizer-from DIR] [--dtype f32|bf16|f16]\n"
       "            [--max-shard-size 5GB]\n"
+      "  ./convert (--hf-in DIR | --ckpt-in FILE) --gguf-out FILE [--gguf-type f32|f16|bf16|q8_0]\n"
+      "            [--gguf-arch llama|qwen2|qwen3] [--tokenizer-from DIR]\n"
       "options:\n"
       "  --dtype           weights dtype of an HF output (default: the input folder's, else f32)\n"
       "  --max-shard-size  larger models are split into shards with an index (units B, KB, MB, GB;\n"
       "                    decimal, as transformers); default 5GB\n"
       "  --tokenizer-from  folder to copy tokenizer files from (default: the model's tokenizer_name\n"
       "                    when that is a folder)\n"
-      "  --max-seq-len N   import with max_seq_len N instead of max_position_embeddings\n");
+      "  --max-seq-len N   import with max_seq_len N instead of max_position_embeddings\n"
+      "  --gguf-type       GGUF weight type (default f16; norms and biases stay f32)\n"
+      "  --gguf-arch       GGUF architecture (default: qwen3 with QK-norm, qwen2 with Q/K/V bias, else "
+      "llama)\n");
 }
 
 [[noreturn]] void fail(const std::string& message) {
@@ -105,10 +114,78 @@ llm::HfSpecialTokens tokens_from_json(const json& j) {
   return t;
 }
 
+// The GGUF tokenizer metadata from a folder's tokenizer.json (byte-level BPE) and tokenizer_config.json.
+llm::GgufTokenizer gguf_tokenizer_from(const std::string& folder, const llm::HfSpecialTokens& special,
+                                       const std::string& arch) {
+  namespace fs = std::filesystem;
+  const fs::path json_path = fs::path(folder) / "tokenizer.json";
+  if (!fs::exists(json_path)) {
+    fail("GGUF export needs the tokenizer: no " + json_path.string() + " (give --tokenizer-from DIR)");
+  }
+  const json tok = llm::parse_json_file(json_path.string());
+  const json& model = tok.value("model", json());
+  if (!model.is_object() || model.value("type", "") != "BPE" || !model.contains("vocab") ||
+      !model["vocab"].is_object()) {
+    fail(json_path.string() + ": GGUF export supports byte-level BPE tokenizers (model.type \"BPE\") only");
+  }
+  llm::GgufTokenizer t;
+  std::vector<std::string> tokens;
+  std::vector<int32_t> types;
+  auto place = [&](int64_t id, const std::string& text, int32_t type) {
+    if (id < 0 || id > (1 << 24))
+      fail(json_path.string() + ": token id " + std::to_string(id) + " is out of range");
+    if (static_cast<size_t>(id) >= tokens.size()) {
+      tokens.resize(id + 1);
+      types.resize(id + 1, 0);
+    }
+    tokens[id] = text;
+    types[id] = type;
+  };
+  for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
+    if (!it->is_number_integer())
+      fail(json_path.string() + ": vocab entry " + it.key() + " is not an integer id");
+    place(it->get<int64_t>(), it.key(), 1);  // normal
+  }
+  for (const auto& added : tok.value("added_tokens", json::array())) {
+    if (!added.is_object() || !added.contains("id") || !added.contains("content")) continue;
+    place(added["id"].get<int64_t>(), added["content"].get<std::string>(),
+          added.value("special", false) ? 3 : 4);
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (types[i] == 0)
+      fail(json_path.string() + ": token id " + std::to_string(i) + " is missing from the vocabulary");
+  }
+  for (const auto& merge : model.value("merges", json::array())) {
+    if (merge.is_string()) {
+      t.merges.push_back(merge.get<std::string>());
+    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
+      t.merges.push_back(merge[0].get<std::string>() + " " + merge[1].get<std::string>());
+    } else {
+      fail(json_path.string() + ": a merge is neither \"a b\" nor [\"a\", \"b\"]");
+    }
+  }
+  t.tokens = std::move(tokens);
+  t.token_types = std::move(types);
+  t.bos = static_cast<int>(special.bos);
+  t.eos = special.eos.empty() ? -1 : static_cast<int>(special.eos.front());
+  t.pad = static_cast<int>(special.pad);
+  // llama.cpp picks its pre-tokenizer regex by this name.
+  t.pre = arch == "llama" ? "llama-bpe" : "qwen2";
+  const fs::path config_path = fs::path(folder) / "tokenizer_config.json";
+  if (fs::exists(config_path)) {
+    const json config = llm::parse_json_file(config_path.string());
+    if (config.contains("chat_template") && config["chat_template"].is_string()) {
+      t.chat_template = config["chat_template"].get<std::string>();
+    }
+  }
+  return t;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string hf_in, hf_out, ckpt_in, ckpt_out, tokenizer_from, dtype_name;
+  std::string hf_in, hf_out, ckpt_in, ckpt_out, tokenizer_from, dtype_name, gguf_out, gguf_type = "f16",
+                                                                                      gguf_arch;
   uint64_t max_shard = 5'000'000'000ull;
   int max_seq_len = 0;
   for (int i = 1; i < argc; ++i) {
@@ -125,6 +202,12 @@ int main(int argc, char** argv) {
       ckpt_in = value();
     } else if (arg == "--ckpt-out") {
       ckpt_out = value();
+    } else if (arg == "--gguf-out") {
+      gguf_out = value();
+    } else if (arg == "--gguf-type") {
+      gguf_type = value();
+    } else if (arg == "--gguf-arch") {
+      gguf_arch = value();
     } else if (arg == "--tokenizer-from") {
       tokenizer_from = value();
     } else if (arg == "--dtype") {
@@ -143,15 +226,14 @@ int main(int argc, char** argv) {
       fail("unknown argument \"" + arg + "\"");
     }
   }
-  // Exactly one input and one output. (A GGUF output for llama.cpp / Ollama belongs here as a third
-  // output kind, --gguf-out FILE, next to --hf-out and --ckpt-out; it is not implemented yet.)
+  // Exactly one input and one output.
   if (hf_in.empty() == ckpt_in.empty()) {
     usage();
     fail("give exactly one input: --hf-in DIR or --ckpt-in FILE");
   }
-  if (hf_out.empty() == ckpt_out.empty()) {
+  if (int(!hf_out.empty()) + int(!ckpt_out.empty()) + int(!gguf_out.empty()) != 1) {
     usage();
-    fail("give exactly one output: --hf-out DIR or --ckpt-out FILE");
+    fail("give exactly one output: --hf-out DIR, --ckpt-out FILE or --gguf-out FILE");
   }
   if (!ckpt_in.empty() && !ckpt_out.empty()) fail("checkpoint to checkpoint is not a conversion");
   if (!ckpt_out.empty() && !dtype_name.empty()) fail("--dtype applies to --hf-out (checkpoints are float32)");
@@ -206,7 +288,18 @@ int main(int argc, char** argv) {
     }
 
     // ---- Output
-    if (!hf_out.empty()) {
+    if (!gguf_out.empty()) {
+      const llm::GgufType type = llm::parse_gguf_type(gguf_type);
+      if (gguf_arch.empty())
+        gguf_arch = config.qk_norm ? "qwen3" : (config.attention_bias ? "qwen2" : "llama");
+      const std::string tokenizer_dir = !tokenizer_from.empty() ? tokenizer_from : source_dir;
+      if (tokenizer_dir.empty()) fail("GGUF export needs the tokenizer: give --tokenizer-from DIR");
+      const llm::GgufTokenizer tokenizer = gguf_tokenizer_from(tokenizer_dir, tokens, gguf_arch);
+      const llm::ParameterLayout layout(config);
+      std::printf("writing GGUF %s (arch %s, %s weights, %zu tokens)\n", gguf_out.c_str(), gguf_arch.c_str(),
+                  gguf_type.c_str(), tokenizer.tokens.size());
+      llm::write_gguf(gguf_out, config, layout, params.data(), tokenizer, type, gguf_arch);
+    } else if (!hf_out.empty()) {
       llm::HfExportOptions options;
       options.dtype = llm::SafeDType::kF32;
       if (!dtype_name.empty()) {
