@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda_model.h"
+#include "kernels/cuda_runtime.h"
 #include "llm/hf_config.h"
 #include "llm/hf_model.h"
 #include "llm/model.h"
@@ -127,6 +129,53 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfEqual,
 
 // ---------------------------------------------------------------------------------------------------------
 // Round trips
+
+// The same fixtures on the CUDA backend in bf16 (storage bf16, compute fp32), with bf16 tolerances:
+// loss, the last position's logits and every gradient within 2e-2 relative. Skips without a GPU.
+class HfEqualCuda : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(HfEqualCuda, LossLogitsAndGradientsMatchTransformersInBf16) {
+  if (llm::cuda::device_count() == 0) GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason();
+  const std::string dir = kFixtures + GetParam();
+  const llm::HfConfigImport imported = llm::load_hf_config(dir);
+  const json inputs = read_json(dir + "/inputs.json");
+  const int B = inputs["B"], T = inputs["T"];
+  std::vector<int32_t> ids, targets;
+  for (const auto& row : inputs["inputs"])
+    for (const auto& v : row) ids.push_back(v.get<int32_t>());
+  for (const auto& row : inputs["targets"])
+    for (const auto& v : row) targets.push_back(v.get<int32_t>());
+
+  llm::cuda::CudaModelOptions options;
+  options.max_batch = B;
+  options.max_seq = T;
+  options.precision = llm::cuda::Precision::kBf16;
+  llm::cuda::CudaModel model(imported.config, options);
+  model.upload_parameters(llm::load_hf_parameters(dir, imported.config));
+  model.set_training(false);
+  model.zero_grad();
+  const double loss = model.forward_backward(ids.data(), targets.data(), B, T, nullptr, nullptr, 1.0);
+  const double ref_loss = inputs["loss"].get<double>();
+  EXPECT_LT(std::abs(loss - ref_loss) / std::abs(ref_loss), 2e-2) << "loss " << loss << " vs " << ref_loss;
+
+  const llm::SafetensorsFile reference(dir + "/reference.safetensors");
+  const std::vector<float> ref_logits = reference.read_floats("logits");
+  const size_t V = static_cast<size_t>(imported.config.vocab_size);
+  const std::vector<float> last = model.next_token_logits(std::vector<int32_t>(ids.begin(), ids.begin() + T));
+  const std::vector<double> last_d(last.begin(), last.end());
+  EXPECT_LT(relative_error(last_d.data(), ref_logits.data() + (T - 1) * V, V), 2e-2);
+
+  const std::vector<float> grads = model.download_gradients();
+  for (const llm::TensorInfo& t : model.layout().tensors()) {
+    const std::vector<float> g = reference.read_floats("grad." + t.name);
+    const std::vector<double> ours(grads.begin() + t.grad_offset, grads.begin() + t.grad_offset + t.numel);
+    EXPECT_LT(relative_error(ours.data(), g.data(), g.size()), 2e-2) << t.name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfEqualCuda,
+                         ::testing::Values("llama_llama3", "llama_yarn", "qwen2_tied", "qwen3_qknorm",
+                                           "mistral_window"));
 
 std::vector<float> load_params(const std::string& dir, llm::ModelConfig* config = nullptr) {
   const llm::HfConfigImport imported = llm::load_hf_config(dir);
