@@ -1,6 +1,7 @@
 // The GPU transformer (see kernels/cuda_model.h). The forward and backward passes below follow
 // llm/model.cpp line by line; each step names the CPU call it mirrors where the kernel API differs.
 #include "kernels/cuda_model.h"
+#include "llm/model_layout.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -79,43 +80,8 @@ inline int blocks(size_t n) {
   return ceil_div(static_cast<long long>(n), kThreads);
 }
 
-// ---- config helpers (as in llm/model.cpp) ---------------------------------------------------------------
-
-enum LayerTensor { kNorm1, kQ, kK, kV, kO, kQNorm, kKNorm, kNorm2, kGate, kUp, kDown, kLayerTensorCount };
-const char* kLayerTensorSuffix[kLayerTensorCount] = {
-    "input_layernorm",  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-    "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
-    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
-enum DropoutSite { kAttentionProbs, kAttentionOutput, kMlpOutput, kDropoutSites };
-
-ref::RopeParams rope_params(const ModelConfig& c) {
-  ref::RopeParams p;
-  p.head_dim = c.resolved_head_dim();
-  p.theta = c.rope_theta;
-  p.factor = c.rope_scaling_factor;
-  p.original_max_position = c.rope_original_max_seq_len > 0 ? c.rope_original_max_seq_len : c.max_seq_len;
-  p.low_freq_factor = c.llama3_low_freq_factor;
-  p.high_freq_factor = c.llama3_high_freq_factor;
-  p.beta_fast = c.yarn_beta_fast;
-  p.beta_slow = c.yarn_beta_slow;
-  p.attention_factor = c.yarn_attention_factor;
-  if (c.positional_encoding == "yarn") {
-    p.scaling = ref::RopeScaling::kYarn;
-  } else if (c.rope_scaling == "linear") {
-    p.scaling = ref::RopeScaling::kLinear;
-  } else if (c.rope_scaling == "llama3") {
-    p.scaling = ref::RopeScaling::kLlama3;
-  }
-  return p;
-}
-
-ref::Activation activation_kind(const ModelConfig& c) {
-  if (c.activation == "relu") return ref::Activation::kRelu;
-  if (c.activation == "gelu")
-    return c.gelu_approximation == "tanh" ? ref::Activation::kGeluTanh : ref::Activation::kGeluErf;
-  if (c.activation == "leaky_relu") return ref::Activation::kLeakyRelu;
-  return ref::Activation::kSilu;
-}
+// Tensor names, dropout sites, rope_params and activation_kind are shared with llm/model.cpp.
+using namespace ::llm::layer;
 
 std::string mb(size_t bytes) {
   return std::to_string(bytes / (1024 * 1024)) + " MB";
@@ -346,8 +312,7 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
 
   layer_names_.resize(config.n_layers);
   for (int l = 0; l < config.n_layers; ++l)
-    for (int i = 0; i < kLayerTensorCount; ++i)
-      layer_names_[l].push_back(layer_tensor_name(l, kLayerTensorSuffix[i]));
+    for (int i = 0; i < kTensorCount; ++i) layer_names_[l].push_back(layer_tensor_name(l, tensor_suffix(i)));
   for (const auto& t : layout.tensors())
     if (t.trainable) trainable_.push_back(&t);
 

@@ -1,5 +1,7 @@
 #include "llm/model.h"
 
+#include "llm/model_layout.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -18,45 +20,7 @@ namespace llm {
 
 namespace {
 
-// Indices into the per-layer name table.
-enum LayerTensor { kNorm1, kQ, kK, kV, kO, kQNorm, kKNorm, kNorm2, kGate, kUp, kDown, kLayerTensorCount };
-
-const char* kLayerTensorSuffix[kLayerTensorCount] = {
-    "input_layernorm",  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-    "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
-    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
-
-// Dropout sites inside a layer; each gets its own Philox stream.
-enum DropoutSite { kAttentionProbs, kAttentionOutput, kMlpOutput, kDropoutSites };
-
-ref::RopeParams rope_params(const ModelConfig& c) {
-  ref::RopeParams p;
-  p.head_dim = c.resolved_head_dim();
-  p.theta = c.rope_theta;
-  p.factor = c.rope_scaling_factor;
-  p.original_max_position = c.rope_original_max_seq_len > 0 ? c.rope_original_max_seq_len : c.max_seq_len;
-  p.low_freq_factor = c.llama3_low_freq_factor;
-  p.high_freq_factor = c.llama3_high_freq_factor;
-  p.beta_fast = c.yarn_beta_fast;
-  p.beta_slow = c.yarn_beta_slow;
-  p.attention_factor = c.yarn_attention_factor;
-  if (c.positional_encoding == "yarn") {
-    p.scaling = ref::RopeScaling::kYarn;
-  } else if (c.rope_scaling == "linear") {
-    p.scaling = ref::RopeScaling::kLinear;
-  } else if (c.rope_scaling == "llama3") {
-    p.scaling = ref::RopeScaling::kLlama3;
-  }
-  return p;
-}
-
-ref::Activation activation_kind(const ModelConfig& c) {
-  if (c.activation == "relu") return ref::Activation::kRelu;
-  if (c.activation == "gelu")
-    return c.gelu_approximation == "tanh" ? ref::Activation::kGeluTanh : ref::Activation::kGeluErf;
-  if (c.activation == "leaky_relu") return ref::Activation::kLeakyRelu;
-  return ref::Activation::kSilu;  // "silu"; swiglu uses its own gated op
-}
+using namespace layer;  // tensor names, dropout sites, rope_params, activation_kind
 
 }  // namespace
 
@@ -76,8 +40,7 @@ Model<T>::Model(const ModelConfig& config, const ModelOptions& options)
 
   layer_names_.resize(config_.n_layers);
   for (int l = 0; l < config_.n_layers; ++l) {
-    for (int i = 0; i < kLayerTensorCount; ++i)
-      layer_names_[l].push_back(layer_tensor_name(l, kLayerTensorSuffix[i]));
+    for (int i = 0; i < kTensorCount; ++i) layer_names_[l].push_back(layer_tensor_name(l, tensor_suffix(i)));
   }
 
   const int max_pos = config_.max_seq_len;

@@ -1,0 +1,57 @@
+// What the CPU model (llm/model.cpp) and the CUDA model (kernels/cuda_model.cu) must agree on, kept in
+// one place: the per-layer tensor names, the dropout sites (each a Philox stream), and how the config
+// maps onto the RoPE and activation options of the ops.
+#pragma once
+
+#include "kernels/cpu/activations.h"
+#include "kernels/cpu/positions.h"
+#include "llm/config.h"
+
+namespace llm::layer {
+
+// Indices into a layer's tensor-name table; the suffix follows "model.layers.N.".
+enum Tensor { kNorm1, kQ, kK, kV, kO, kQNorm, kKNorm, kNorm2, kGate, kUp, kDown, kTensorCount };
+
+inline const char* tensor_suffix(int index) {
+  static const char* const kSuffix[kTensorCount] = {
+      "input_layernorm",  "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+      "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm",
+      "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+  return kSuffix[index];
+}
+
+// Dropout sites inside a layer; each gets its own Philox stream.
+enum DropoutSite { kAttentionProbs, kAttentionOutput, kMlpOutput, kDropoutSites };
+
+inline ref::RopeParams rope_params(const ModelConfig& c) {
+  ref::RopeParams p;
+  p.head_dim = c.resolved_head_dim();
+  p.theta = c.rope_theta;
+  p.factor = c.rope_scaling_factor;
+  p.original_max_position = c.rope_original_max_seq_len > 0 ? c.rope_original_max_seq_len : c.max_seq_len;
+  p.low_freq_factor = c.llama3_low_freq_factor;
+  p.high_freq_factor = c.llama3_high_freq_factor;
+  p.beta_fast = c.yarn_beta_fast;
+  p.beta_slow = c.yarn_beta_slow;
+  p.attention_factor = c.yarn_attention_factor;
+  if (c.positional_encoding == "yarn") {
+    p.scaling = ref::RopeScaling::kYarn;
+  } else if (c.rope_scaling == "linear") {
+    p.scaling = ref::RopeScaling::kLinear;
+  } else if (c.rope_scaling == "llama3") {
+    p.scaling = ref::RopeScaling::kLlama3;
+  }
+  return p;
+}
+
+// The elementwise activation of a non-gated MLP ("swiglu" uses its own gated op).
+inline ref::Activation activation_kind(const ModelConfig& c) {
+  if (c.activation == "relu") return ref::Activation::kRelu;
+  if (c.activation == "gelu") {
+    return c.gelu_approximation == "tanh" ? ref::Activation::kGeluTanh : ref::Activation::kGeluErf;
+  }
+  if (c.activation == "leaky_relu") return ref::Activation::kLeakyRelu;
+  return ref::Activation::kSilu;
+}
+
+}  // namespace llm::layer
