@@ -24,8 +24,12 @@ inline void check(cudaError_t err, const char* what, const char* file, int line)
 }
 
 // Storage <-> fp32 conversions that work for both storage types.
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(float x) {
+  return x;
+}
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -37,7 +41,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
 }
 
-inline int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+inline int ceil_div(long long a, long long b) {
+  return static_cast<int>((a + b - 1) / b);
+}
 
 }  // namespace llm::cuda
 

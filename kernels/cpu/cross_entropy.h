@@ -47,7 +47,7 @@ template <typename T>
 void token_logprobs_forward(T* logprobs, T* lse, const T* logits, const int32_t* targets, int N, int V,
                             int ignore_index = -100) {
   // Small batches are not worth waking threads for.
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * V >= (1 << 16))
+#pragma omp parallel for schedule(static) if (static_cast <int64_t>(N) * V >= (1 << 16))
   for (int n = 0; n < N; ++n) {
     const T* z = logits + static_cast<size_t>(n) * V;
 
@@ -74,7 +74,7 @@ template <typename T>
 void token_logprobs_backward(T* dlogits, const T* dlogprobs, const T* logits, const T* lse,
                              const int32_t* targets, int N, int V, int ignore_index = -100) {
   // Small batches are not worth waking threads for.
-#pragma omp parallel for schedule(static) if (static_cast<int64_t>(N) * V >= (1 << 16))
+#pragma omp parallel for schedule(static) if (static_cast <int64_t>(N) * V >= (1 << 16))
   for (int n = 0; n < N; ++n) {
     const T* z = logits + static_cast<size_t>(n) * V;
     T* dz = dlogits + static_cast<size_t>(n) * V;

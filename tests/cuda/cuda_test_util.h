@@ -14,11 +14,11 @@
 #include "kernels/cuda_runtime.h"
 
 // Skips the current test, printing why, when no GPU is usable.
-#define SKIP_WITHOUT_GPU()                                                             \
-  do {                                                                                 \
-    if (::llm::cuda::device_count() == 0) {                                            \
-      GTEST_SKIP() << "GPU test skipped: " << ::llm::cuda::unavailable_reason();       \
-    }                                                                                  \
+#define SKIP_WITHOUT_GPU()                                                       \
+  do {                                                                           \
+    if (::llm::cuda::device_count() == 0) {                                      \
+      GTEST_SKIP() << "GPU test skipped: " << ::llm::cuda::unavailable_reason(); \
+    }                                                                            \
   } while (0)
 
 namespace llm::test {
@@ -27,7 +27,9 @@ namespace llm::test {
 template <typename T>
 class DeviceBuffer {
  public:
-  explicit DeviceBuffer(size_t n) : n_(n) { CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(1, n) * sizeof(T))); }
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(1, n) * sizeof(T)));
+  }
   ~DeviceBuffer() { cudaFree(ptr_); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
@@ -35,7 +37,9 @@ class DeviceBuffer {
   size_t size() const { return n_; }
   // Fills every byte with 0xFF: NaN for float and bf16.
   void poison() { CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T))); }
-  void upload(const std::vector<T>& host) { CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice)); }
+  void upload(const std::vector<T>& host) {
+    CUDA_CHECK(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
   std::vector<T> download() const {
     std::vector<T> host(n_);
     CUDA_CHECK(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
@@ -47,8 +51,12 @@ class DeviceBuffer {
   size_t n_;
 };
 
-inline float host_to_float(float x) { return x; }
-inline float host_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline float host_to_float(float x) {
+  return x;
+}
+inline float host_to_float(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 template <typename T>
 std::vector<T> from_floats(const std::vector<float>& v) {
   std::vector<T> out(v.size());
