@@ -2,7 +2,7 @@
 # Builds the parser fuzz targets with clang's libFuzzer + AddressSanitizer + UBSan (outside CMake: the
 # project build uses gcc) and runs each for SECONDS (default 60).
 #
-#   dev/fuzz/run.sh [SECONDS]          build into build-fuzz/ and run both targets
+#   dev/fuzz/run.sh [SECONDS]          build into build-fuzz/ and run the three targets
 #   FUZZ_JOBS=2 dev/fuzz/run.sh 300    more workers
 #
 # Seeds: the fixture config.json files and a few small hand-made safetensors files. Corpora grow in
@@ -23,9 +23,14 @@ echo "building fuzz targets in $OUT with $CXX"
 "$CXX" "${FLAGS[@]}" "$ROOT/dev/fuzz/fuzz_safetensors.cpp" "$ROOT/llm/safetensors.cpp" -o "$OUT/fuzz_safetensors"
 "$CXX" "${FLAGS[@]}" "$ROOT/dev/fuzz/fuzz_hf_config.cpp" "$ROOT/llm/hf_config.cpp" "$ROOT/llm/config.cpp" \
   "$ROOT/llm/json_config.cpp" -o "$OUT/fuzz_hf_config"
+"$CXX" "${FLAGS[@]}" "$ROOT/dev/fuzz/fuzz_tokenizer.cpp" "$ROOT/data/bpe_tokenizer.cpp" \
+  "$ROOT/data/unicode_normalize.cpp" -lpcre2-8 -o "$OUT/fuzz_tokenizer"
 
 # Seed corpora.
-mkdir -p "$OUT/corpus_safetensors" "$OUT/corpus_hf_config"
+mkdir -p "$OUT/corpus_safetensors" "$OUT/corpus_hf_config" "$OUT/corpus_tokenizer"
+for dir in "$ROOT"/tests/fixtures/tokenizers/*/; do
+  cp -f "$dir/tokenizer.json" "$OUT/corpus_tokenizer/$(basename "$dir").json"
+done
 for dir in "$ROOT"/tests/fixtures/hf/*/; do
   cp -f "$dir/config.json" "$OUT/corpus_hf_config/$(basename "$dir").json"
 done
@@ -40,11 +45,14 @@ seed dtypes '{"x":{"dtype":"F16","shape":[3],"data_offsets":[0,6]},"y":{"dtype":
 seed empty '{}' 0
 
 status=0
-for target in safetensors hf_config; do
+for target in safetensors hf_config tokenizer; do
   echo "fuzzing $target for ${SECONDS_EACH}s"
   log="$OUT/fuzz_$target.log"
-  (cd "$OUT" && ./fuzz_$target -max_total_time="$SECONDS_EACH" -max_len=4096 -jobs="$JOBS" \
-     -workers="$JOBS" -dict="$ROOT/dev/fuzz/$target.dict" -print_final_stats=1 "corpus_$target" \
+  max_len=4096
+  [ "$target" = tokenizer ] && max_len=262144  # tokenizer.json seeds are ~100 KB
+  (cd "$OUT" && ./fuzz_$target -max_total_time="$SECONDS_EACH" -max_len="$max_len" -jobs="$JOBS" \
+     -workers="$JOBS" $([ -f "$ROOT/dev/fuzz/$target.dict" ] && echo "-dict=$ROOT/dev/fuzz/$target.dict") \
+     -print_final_stats=1 "corpus_$target" \
      > "$log" 2>&1) || status=1
   grep -E "^Done|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb)|ERROR|SUMMARY" \
     "$log" || true
