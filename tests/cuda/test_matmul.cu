@@ -16,6 +16,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/matmul.cuh"
 #include "tests/cuda/cuda_test_util.h"
+#include "tests/cuda/gemm_test_helpers.h"
 
 namespace {
 
@@ -24,45 +25,8 @@ using llm::test::DeviceBuffer;
 using llm::test::expect_relative_error;
 using bf16 = __nv_bfloat16;
 
-template <typename T>
-double tolerance() {
-  return std::is_same_v<T, float> ? 1e-5 : 2e-2;
-}
-
-std::vector<float> random_floats(size_t n, unsigned seed, float lo = -1.0f, float hi = 1.0f) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(gen);
-  return v;
-}
-
-// The values T actually stores, back in float: the reference sees exactly what the GPU sees.
-template <typename T>
-std::vector<float> rounded(const std::vector<float>& v) {
-  return llm::test::to_floats(llm::test::from_floats<T>(v));
-}
-
-std::vector<double> to_doubles(const std::vector<float>& v) {
-  return std::vector<double>(v.begin(), v.end());
-}
-std::vector<float> to_floats(const std::vector<double>& v) {
-  return std::vector<float>(v.begin(), v.end());
-}
-
-template <typename T>
-std::vector<float> download(const DeviceBuffer<T>& buf) {
-  return llm::test::to_floats(buf.download());
-}
-template <typename T>
-void upload(DeviceBuffer<T>& buf, const std::vector<float>& v) {
-  buf.upload(llm::test::from_floats<T>(v));
-}
-
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
+// tolerance, random_floats, rounded, to_doubles/to_floats, download/upload, bitwise_equal.
+using namespace llm::test::gemm;
 
 // One linear-layer problem: inputs rounded to T, initial gradients, and the double-precision reference.
 template <typename T, typename TGrad = T>
