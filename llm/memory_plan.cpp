@@ -86,7 +86,13 @@ std::string MemoryPlan::describe() const {
       "params %.1f MB | grads %.1f MB | optimizer %.1f MB | activations %.1f MB | scratch %.1f MB | "
       "total %.1f MB",
       mb(parameters), mb(gradients), mb(optimizer_state), mb(activations), mb(scratch), mb(total()));
-  return buf;
+  std::string out = buf;
+  if (nf4_params > 0) {
+    std::snprintf(buf, sizeof(buf), " | nf4 base %.1f MB (%.3f bytes per base parameter)", mb(nf4_base),
+                  static_cast<double>(nf4_base) / static_cast<double>(nf4_params));
+    out += buf;
+  }
+  return out;
 }
 
 MemoryPlan plan_memory(const ModelConfig& c, int B, int T, bool recompute, size_t total_params,

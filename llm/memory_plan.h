@@ -49,7 +49,10 @@ GlobalActivationSizes global_activation_sizes(const ModelConfig& config, int B, 
 // Bytes per kind, for printing and for the "does it fit" check.
 struct MemoryPlan {
   size_t parameters = 0, gradients = 0, optimizer_state = 0, activations = 0, scratch = 0;
-  size_t total() const { return parameters + gradients + optimizer_state + activations + scratch; }
+  // QLoRA: bytes of the NF4 base weights (codes, absmax and their double quantisation) and how many
+  // base parameters they hold; zero otherwise.
+  size_t nf4_base = 0, nf4_params = 0;
+  size_t total() const { return parameters + gradients + optimizer_state + activations + scratch + nf4_base; }
   std::string describe() const;  // "params 12.3 MB | grads ... | total ..."
 };
 

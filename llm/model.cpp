@@ -12,6 +12,8 @@
 #include "kernels/cpu/dropout.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/linear.h"
+#include "kernels/cpu/lora.h"
+#include "kernels/cpu/nf4.h"
 #include "kernels/cpu/norms.h"
 #include "kernels/cpu/positions.h"
 #include "kernels/philox.h"
@@ -35,6 +37,18 @@ Model<T>::Model(const ModelConfig& config, const ModelOptions& options)
     throw std::invalid_argument("sequence length " + std::to_string(options_.max_seq) +
                                 " exceeds max_seq_len " + std::to_string(config_.max_seq_len));
   }
+  if (options_.quant.nf4 && !options_.lora.enabled) {
+    throw ConfigError(
+        "NF4 quantisation (load_in_4bit) needs LoRA (use_lora: true): the quantised base weights are frozen");
+  }
+  if (options_.lora.enabled) {
+    validate_lora_settings(options_.lora);
+    lora_modules_ = llm::lora_modules(config_, options_.lora);
+    add_lora_tensors(layout_, lora_modules_, options_.lora.r);
+  }
+  lora_index_.assign(config_.n_layers, std::vector<int>(kTensorCount, -1));
+  for (size_t i = 0; i < lora_modules_.size(); ++i)
+    lora_index_[lora_modules_[i].layer][lora_modules_[i].tensor] = i;
   params_.assign(layout_.total_elements(), T(0));
   grads_.assign(layout_.trainable_elements(), T(0));
 
@@ -99,6 +113,16 @@ void Model<T>::plan_buffers() {
     b.act = take(ls.act);
   }
 
+  // Each adapter saves h = dropout(x) A^T, [N, r] (kept for every layer even with recompute: r is small
+  // next to the layer's other activations).
+  lora_offset_.assign(lora_modules_.size(), 0);
+  size_t lora_total = 0;
+  for (size_t i = 0; i < lora_modules_.size(); ++i) {
+    lora_offset_[i] = lora_total;
+    lora_total += static_cast<size_t>(B) * Tm * options_.lora.r;
+  }
+  lora_arena_.assign(lora_total, T(0));
+
   global_arena_.assign(gs.total(), T(0));
   cursor = global_arena_.data();
   auto& g = global_;
@@ -143,12 +167,59 @@ void Model<T>::zero_grad() {
 }
 
 template <typename T>
+const LoraModule* Model<T>::lora_at(int layer, int tensor) const {
+  const int i = lora_index_[layer][tensor];
+  return i < 0 ? nullptr : &lora_modules_[i];
+}
+
+template <typename T>
+T* Model<T>::lora_hidden(int layer, int tensor) {
+  return lora_arena_.data() + lora_offset_[lora_index_[layer][tensor]];
+}
+
+template <typename T>
+void Model<T>::init_lora() {
+  for (size_t i = 0; i < lora_modules_.size(); ++i) {
+    const LoraModule& m = lora_modules_[i];
+    ref::lora_init(param(m.a_name()), param(m.b_name()), m.in_features, m.out_features, options_.lora.r,
+                   options_.lora.init_seed, i);
+  }
+}
+
+template <typename T>
+void Model<T>::quantize_base_nf4() {
+  if (!options_.quant.nf4)
+    throw std::logic_error("quantize_base_nf4: the model was not built with quant.nf4");
+  nf4_.clear();
+  const int blocksize = options_.quant.blocksize;
+  for (const std::string& name : nf4_quantized_tensors(config_)) {
+    const TensorInfo& t = layout_.at(name);
+    const size_t n = static_cast<size_t>(t.numel);
+    std::vector<float> w(param(name), param(name) + n);
+    Nf4Tensor q;
+    q.packed.resize((n + 1) / 2);
+    q.absmax.resize(ref::blocks_for(n, blocksize));
+    ref::nf4_quantize(q.packed.data(), q.absmax.data(), w.data(), n, blocksize);
+    if (options_.quant.double_quant) {
+      const size_t nb = q.absmax.size();
+      q.qabsmax.resize(nb);
+      q.state2.resize(ref::blocks_for(nb, ref::kNf4NestedBlockSize));
+      ref::nf4_double_quantize(q.qabsmax.data(), q.state2.data(), &q.offset, q.absmax.data(), nb);
+      ref::nf4_double_dequantize(q.absmax.data(), q.qabsmax.data(), q.state2.data(), q.offset, nb);
+    }
+    ref::nf4_dequantize(param(name), q.packed.data(), q.absmax.data(), n, blocksize);
+    nf4_.emplace_back(name, std::move(q));
+  }
+}
+
+template <typename T>
 void Model<T>::init_weights(uint64_t seed) {
   const double residual_scale = 1.0 / std::sqrt(2.0 * config_.n_layers);
   const auto& tensors = layout_.tensors();
   for (size_t ti = 0; ti < tensors.size(); ++ti) {
     const TensorInfo& t = tensors[ti];
     T* w = params_.data() + t.offset;
+    if (t.role == TensorRole::kLora) continue;  // init_lora below
     if (t.role == TensorRole::kNorm || t.role == TensorRole::kBias) {
       const T value = t.role == TensorRole::kNorm ? T(1) : T(0);
       std::fill(w, w + t.numel, value);
@@ -166,6 +237,7 @@ void Model<T>::init_weights(uint64_t seed) {
       w[i] = static_cast<T>(stddev * z);
     }
   }
+  init_lora();
 }
 
 template <typename T>
@@ -210,6 +282,45 @@ void Model<T>::linear_backward(const std::string& prefix, T* dx, const T* dout, 
                                int out_features, bool bias, bool accumulate_dx) {
   ref::linear_backward(dx, grad(prefix + ".weight"), bias ? grad(prefix + ".bias") : nullptr, dout, x,
                        param(prefix + ".weight"), B_ * T_, in_features, out_features, accumulate_dx);
+}
+
+template <typename T>
+void Model<T>::layer_linear_forward(int l, int tensor, T* out, const T* x, int in_features, int out_features,
+                                    bool bias) {
+  const LoraModule* m = lora_at(l, tensor);
+  if (!m) {
+    linear_forward(name(l, tensor), out, x, in_features, out_features, bias);
+    return;
+  }
+  const std::string& prefix = name(l, tensor);
+  const float p = training_ ? static_cast<float>(options_.lora.dropout) : 0.0f;
+  ref::lora_forward(out, lora_hidden(l, tensor), x, param(prefix + ".weight"),
+                    bias ? param(prefix + ".bias") : nullptr, param(m->a_name()), param(m->b_name()), B_ * T_,
+                    in_features, out_features, options_.lora.r, options_.lora.scale(), p, dropout_seed_,
+                    lora_dropout_stream(dropout_counter_, config_.n_layers, l, tensor));
+}
+
+template <typename T>
+void Model<T>::layer_linear_backward(int l, int tensor, T* dx, const T* dout, const T* x, int in_features,
+                                     int out_features, bool bias, bool accumulate_dx) {
+  const LoraModule* m = lora_at(l, tensor);
+  const std::string& prefix = name(l, tensor);
+  if (!m) {
+    linear_backward(prefix, dx, dout, x, in_features, out_features, bias, accumulate_dx);
+    return;
+  }
+  const float p = training_ ? static_cast<float>(options_.lora.dropout) : 0.0f;
+  ref::lora_backward(dx, grad(m->a_name()), grad(m->b_name()), dout, x, lora_hidden(l, tensor),
+                     param(prefix + ".weight"), param(m->a_name()), param(m->b_name()), B_ * T_, in_features,
+                     out_features, options_.lora.r, options_.lora.scale(), p, dropout_seed_,
+                     lora_dropout_stream(dropout_counter_, config_.n_layers, l, tensor), accumulate_dx);
+  // A trainable base weight or bias beside an adapter (not the usual LoRA set-up, but allowed).
+  T* dw = grad(prefix + ".weight");
+  T* db = bias ? grad(prefix + ".bias") : nullptr;
+  if (dw || db) {
+    ref::linear_backward(static_cast<T*>(nullptr), dw, db, dout, x, param(prefix + ".weight"), B_ * T_,
+                         in_features, out_features);
+  }
 }
 
 template <typename T>
@@ -294,9 +405,9 @@ void Model<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
   const float p = training_ ? static_cast<float>(c.dropout) : 0.0f;
 
   norm_forward(name(l, kNorm1), b.norm1_out, b.norm1_mean, b.norm1_rstd, x, N, C);
-  linear_forward(name(l, kQ), b.q, b.norm1_out, C, Q, c.attention_bias);
-  linear_forward(name(l, kK), b.k, b.norm1_out, C, K, c.attention_bias);
-  linear_forward(name(l, kV), b.v, b.norm1_out, C, K, c.attention_bias);
+  layer_linear_forward(l, kQ, b.q, b.norm1_out, C, Q, c.attention_bias);
+  layer_linear_forward(l, kK, b.k, b.norm1_out, C, K, c.attention_bias);
+  layer_linear_forward(l, kV, b.v, b.norm1_out, C, K, c.attention_bias);
   const T* q = b.q;
   const T* k = b.k;
   if (c.qk_norm) {
@@ -324,7 +435,7 @@ void Model<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
   ref::attention_forward(b.attn_out, b.probs, q, k, b.v, shape, opt);
 
   T* branch = global_.branch;
-  linear_forward(name(l, kO), branch, b.attn_out, Q, C, false);
+  layer_linear_forward(l, kO, branch, b.attn_out, Q, C, false);
   if (p > 0)
     ref::dropout_forward(branch, branch, static_cast<size_t>(N) * C, p, dropout_seed_,
                          dropout_stream(l, kAttentionOutput));
@@ -332,14 +443,14 @@ void Model<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
 
   norm_forward(name(l, kNorm2), b.norm2_out, b.norm2_mean, b.norm2_rstd, b.mid, N, C);
   const size_t NF = static_cast<size_t>(N) * F;
-  linear_forward(name(l, kUp), b.up, b.norm2_out, C, F, false);
+  layer_linear_forward(l, kUp, b.up, b.norm2_out, C, F, false);
   if (c.gated_mlp()) {
-    linear_forward(name(l, kGate), b.gate, b.norm2_out, C, F, false);
+    layer_linear_forward(l, kGate, b.gate, b.norm2_out, C, F, false);
     ref::swiglu_forward(b.act, b.gate, b.up, NF);
   } else {
     ref::activation_forward(activation_kind(c), b.act, b.up, NF, c.leaky_relu_slope);
   }
-  linear_forward(name(l, kDown), branch, b.act, F, C, false);
+  layer_linear_forward(l, kDown, branch, b.act, F, C, false);
   if (p > 0)
     ref::dropout_forward(branch, branch, static_cast<size_t>(N) * C, p, dropout_seed_,
                          dropout_stream(l, kMlpOutput));
@@ -396,14 +507,14 @@ void Model<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     ref::dropout_backward(g.d_branch, d_res, NC, p, dropout_seed_, dropout_stream(l, kMlpOutput));
     d_branch = g.d_branch;
   }
-  linear_backward(name(l, kDown), g.d_act, d_branch, b.act, F, C, false, false);
+  layer_linear_backward(l, kDown, g.d_act, d_branch, b.act, F, C, false, false);
   if (c.gated_mlp()) {
     ref::swiglu_backward(g.d_gate, g.d_up, g.d_act, b.gate, b.up, NF);
-    linear_backward(name(l, kGate), g.d_norm_out, g.d_gate, b.norm2_out, C, F, false, false);
-    linear_backward(name(l, kUp), g.d_norm_out, g.d_up, b.norm2_out, C, F, false, true);
+    layer_linear_backward(l, kGate, g.d_norm_out, g.d_gate, b.norm2_out, C, F, false, false);
+    layer_linear_backward(l, kUp, g.d_norm_out, g.d_up, b.norm2_out, C, F, false, true);
   } else {
     ref::activation_backward(activation_kind(c), g.d_up, g.d_act, b.up, NF, c.leaky_relu_slope);
-    linear_backward(name(l, kUp), g.d_norm_out, g.d_up, b.norm2_out, C, F, false, false);
+    layer_linear_backward(l, kUp, g.d_norm_out, g.d_up, b.norm2_out, C, F, false, false);
   }
   norm_backward(name(l, kNorm2), d_res, g.d_norm_out, b.mid, b.norm2_mean, b.norm2_rstd, N, C);
 
@@ -413,7 +524,7 @@ void Model<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     ref::dropout_backward(g.d_branch, d_res, NC, p, dropout_seed_, dropout_stream(l, kAttentionOutput));
     d_branch = g.d_branch;
   }
-  linear_backward(name(l, kO), g.d_attn_out, d_branch, b.attn_out, Q, C, false, false);
+  layer_linear_backward(l, kO, g.d_attn_out, d_branch, b.attn_out, Q, C, false, false);
   const T* q = c.uses_rope() ? b.q_rot : (c.qk_norm ? b.q_normed : b.q);
   const T* k = c.uses_rope() ? b.k_rot : (c.qk_norm ? b.k_normed : b.k);
   ref::AttentionShape shape{B_, T_, c.n_heads, c.n_kv_heads, D};
@@ -442,17 +553,32 @@ void Model<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     d_q = g.d_q_pre;
     d_k = g.d_k_pre;
   }
-  linear_backward(name(l, kQ), g.d_norm_out, d_q, b.norm1_out, C, Q, c.attention_bias, false);
-  linear_backward(name(l, kK), g.d_norm_out, d_k, b.norm1_out, C, K, c.attention_bias, true);
-  linear_backward(name(l, kV), g.d_norm_out, g.d_v, b.norm1_out, C, K, c.attention_bias, true);
+  layer_linear_backward(l, kQ, g.d_norm_out, d_q, b.norm1_out, C, Q, c.attention_bias, false);
+  layer_linear_backward(l, kK, g.d_norm_out, d_k, b.norm1_out, C, K, c.attention_bias, true);
+  layer_linear_backward(l, kV, g.d_norm_out, g.d_v, b.norm1_out, C, K, c.attention_bias, true);
   norm_backward(name(l, kNorm1), d_res, g.d_norm_out, x, b.norm1_mean, b.norm1_rstd, N, C);
 }
 
 template <typename T>
 MemoryPlan Model<T>::memory_plan(double optimizer_bytes_per_param) const {
-  return plan_memory(config_, options_.max_batch, options_.max_seq, options_.recompute,
-                     layout_.total_elements(), layout_.trainable_elements(), sizeof(T),
-                     optimizer_bytes_per_param);
+  MemoryPlan plan =
+      plan_memory(config_, options_.max_batch, options_.max_seq, options_.recompute, layout_.total_elements(),
+                  layout_.trainable_elements(), sizeof(T), optimizer_bytes_per_param);
+  plan.activations += lora_arena_.size() * sizeof(T);
+  if (options_.quant.nf4) {
+    // Per base tensor of n values: n/2 code bytes, and per block of 64 an fp32 absmax, or with double
+    // quantisation an 8-bit code plus an fp32 scale per 256 blocks and one fp32 offset.
+    for (const std::string& name : nf4_quantized_tensors(config_)) {
+      const size_t n = static_cast<size_t>(layout_.at(name).numel);
+      const size_t blocks = ref::blocks_for(n, options_.quant.blocksize);
+      plan.nf4_params += n;
+      plan.nf4_base += (n + 1) / 2;
+      plan.nf4_base += options_.quant.double_quant
+                           ? blocks + 4 * ref::blocks_for(blocks, ref::kNf4NestedBlockSize) + 4
+                           : 4 * blocks;
+    }
+  }
+  return plan;
 }
 
 template class Model<float>;

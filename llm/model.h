@@ -22,15 +22,30 @@
 #include <vector>
 
 #include "llm/config.h"
+#include "llm/lora.h"
 #include "llm/memory_plan.h"
 #include "llm/params.h"
 
 namespace llm {
 
 struct ModelOptions {
+  ModelOptions() = default;
+  ModelOptions(int batch, int seq, bool recompute_layers, LoraSettings lora_settings = {},
+               QuantSettings quant_settings = {})
+      : max_batch(batch),
+        max_seq(seq),
+        recompute(recompute_layers),
+        lora(lora_settings),
+        quant(quant_settings) {}
+
   int max_batch = 1;       // B: the largest batch the buffers are planned for
   int max_seq = 0;         // T: the longest sequence (0 means config.max_seq_len)
   bool recompute = false;  // keep only each layer's input and recompute the rest in backward
+  // LoRA adapters on the chosen linear layers (llm/lora.h): their A and B are appended to the layout as
+  // the only trainable tensors, and each adapted layer computes x W^T + b + s dropout(x) A^T B^T.
+  LoraSettings lora;
+  // QLoRA: quantize_base_nf4() stores the decoder-layer linear weights in NF4 (needs lora.enabled).
+  QuantSettings quant;
 };
 
 template <typename T>
@@ -55,6 +70,23 @@ class Model {
   // Normal(0, 0.02) for matrices and embeddings, with the output projections of each residual branch
   // scaled by 1/sqrt(2 n_layers) (GPT-2); ones for norm weights, zeros for biases. Deterministic in seed.
   void init_weights(uint64_t seed);
+  // LoRA: A ~ kaiming_uniform(a = sqrt(5)) from Philox (options.lora.init_seed, one stream per module),
+  // B = 0, so a fresh adapter leaves the model's output unchanged. Called by init_weights too.
+  void init_lora();
+  // QLoRA: quantises every tensor of nf4_quantized_tensors() to NF4 (with double quantisation when
+  // options.quant.double_quant) and replaces its values by the dequantised ones, which is what the
+  // layer then computes with. Call it after the base weights are loaded; the codes are kept for the
+  // memory plan and for uploading to a GPU.
+  void quantize_base_nf4();
+  struct Nf4Tensor {
+    std::vector<uint8_t> packed;   // two codes per byte, high nibble first
+    std::vector<float> absmax;     // per block of 64 (double-dequantised when double_quant)
+    std::vector<uint8_t> qabsmax;  // double quantisation: 8-bit absmax codes ...
+    std::vector<float> state2;     // ... their per-256 scales ...
+    float offset = 0.0f;           // ... and the mean that was subtracted
+  };
+  const std::vector<std::pair<std::string, Nf4Tensor>>& nf4_tensors() const { return nf4_; }
+  const std::vector<LoraModule>& lora_modules() const { return lora_modules_; }
   // Freezes or unfreezes a tensor; the gradient arena is re-planned (and zeroed).
   void set_trainable(const std::string& name, bool trainable);
   void zero_grad();
@@ -109,7 +141,16 @@ class Model {
                       bool bias);
   void linear_backward(const std::string& prefix, T* dx, const T* dout, const T* x, int in_features,
                        int out_features, bool bias, bool accumulate_dx);
+  // A decoder-layer linear: the plain one above, or the LoRA one when the tensor has an adapter.
+  void layer_linear_forward(int layer, int tensor, T* out, const T* x, int in_features, int out_features,
+                            bool bias);
+  void layer_linear_backward(int layer, int tensor, T* dx, const T* dout, const T* x, int in_features,
+                             int out_features, bool bias, bool accumulate_dx);
   uint64_t dropout_stream(int layer, int site) const;
+  // The adapter on layer `layer`'s tensor `tensor` (layer::Tensor), or null.
+  const LoraModule* lora_at(int layer, int tensor) const;
+  // The adapter's saved h = dropout(x) A^T of the current forward ([N, r]).
+  T* lora_hidden(int layer, int tensor);
   const std::string& name(int layer, int index) const { return layer_names_[layer][index]; }
 
   ModelConfig config_;
@@ -125,6 +166,11 @@ class Model {
   std::vector<double> alibi_;
   std::vector<std::vector<std::string>> layer_names_;  // per-layer tensor name prefixes, built once
   std::vector<int32_t> default_positions_;
+  std::vector<LoraModule> lora_modules_;
+  std::vector<std::vector<int>> lora_index_;  // [layer][tensor] -> index into lora_modules_, or -1
+  std::vector<T> lora_arena_;                 // h of every adapter (one layer's worth with recompute)
+  std::vector<size_t> lora_offset_;           // per adapter: offset of its h in lora_arena_
+  std::vector<std::pair<std::string, Nf4Tensor>> nf4_;
 
   // The current batch, kept for the backward pass.
   const int32_t* inputs_ = nullptr;

@@ -23,6 +23,14 @@ inline const char* tensor_suffix(int index) {
 // Dropout sites inside a layer; each gets its own Philox stream.
 enum DropoutSite { kAttentionProbs, kAttentionOutput, kMlpOutput, kDropoutSites };
 
+// LoRA dropout on the input of layer `layer`'s adapted tensor `tensor` (a Tensor index), in micro-step
+// `counter`: its own range of streams (the top bit set), so it never meets the sites above.
+inline uint64_t lora_dropout_stream(uint64_t counter, int n_layers, int layer, int tensor) {
+  return (uint64_t{1} << 63) |
+         ((counter * static_cast<uint64_t>(n_layers) + static_cast<uint64_t>(layer)) * kTensorCount +
+          static_cast<uint64_t>(tensor));
+}
+
 inline ref::RopeParams rope_params(const ModelConfig& c) {
   ref::RopeParams p;
   p.head_dim = c.resolved_head_dim();

@@ -18,6 +18,8 @@ const char* role_name(TensorRole role) {
       return "bias";
     case TensorRole::kHead:
       return "head";
+    case TensorRole::kLora:
+      return "lora";
   }
   return "unknown";
 }
@@ -96,6 +98,12 @@ void ParameterLayout::set_trainable(const std::string& name, bool trainable) {
   auto it = index_.find(name);
   if (it == index_.end()) throw std::out_of_range("no parameter tensor named " + name);
   tensors_[it->second].trainable = trainable;
+  assign_gradient_offsets();
+}
+
+void ParameterLayout::append(const std::string& name, std::vector<int64_t> shape, TensorRole role) {
+  if (contains(name)) throw std::invalid_argument("parameter tensor " + name + " already exists");
+  add(name, std::move(shape), role);
   assign_gradient_offsets();
 }
 

@@ -15,7 +15,8 @@
 
 namespace llm {
 
-enum class TensorRole { kMatrix, kEmbedding, kPosition, kNorm, kBias, kHead };
+// kLora: a LoRA adapter matrix (lora_A or lora_B, see llm/lora.h), appended after the base tensors.
+enum class TensorRole { kMatrix, kEmbedding, kPosition, kNorm, kBias, kHead, kLora };
 const char* role_name(TensorRole role);
 
 struct TensorInfo {
@@ -43,6 +44,9 @@ class ParameterLayout {
   // Freezes or unfreezes a tensor; gradient offsets are recomputed so that frozen tensors take no
   // gradient memory.
   void set_trainable(const std::string& name, bool trainable);
+  // Appends a tensor after all existing ones (LoRA adapters), so the offsets of the tensors before it do
+  // not change. Throws std::invalid_argument when the name is taken.
+  void append(const std::string& name, std::vector<int64_t> shape, TensorRole role);
 
  private:
   void add(const std::string& name, std::vector<int64_t> shape, TensorRole role);

@@ -10,7 +10,8 @@ namespace llm {
 
 CpuBackend::CpuBackend(const ModelConfig& config, const OptimizerConfig& optimizer,
                        const BackendOptions& options)
-    : model_(config, ModelOptions{options.max_batch, options.max_seq, options.recompute}),
+    : model_(config, ModelOptions{options.max_batch, options.max_seq, options.recompute, options.lora,
+                                  options.quant}),
       optimizer_(make_optimizer(optimizer)),
       seed_(options.seed) {
   model_.init_weights(options.seed);

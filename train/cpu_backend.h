@@ -15,6 +15,8 @@ struct BackendOptions {
   uint64_t seed = 0;  // weight init and dropout
   double weight_decay = 0.0;
   std::vector<std::string> no_decay_names, decay_names;
+  LoraSettings lora;    // adapters (the base is frozen); see llm/lora.h
+  QuantSettings quant;  // QLoRA: quantize_base_nf4() after the base weights are written
 };
 
 class CpuBackend : public TrainBackend {
@@ -42,6 +44,8 @@ class CpuBackend : public TrainBackend {
   std::string optimizer_name() const override { return optimizer_->name(); }
 
   Model<float>& model() { return model_; }
+  // QLoRA: quantises the base weights now in the model to NF4 (see Model::quantize_base_nf4).
+  void quantize_base_nf4() { model_.quantize_base_nf4(); }
 
  private:
   Model<float> model_;

@@ -13,6 +13,68 @@ ScheduleConfig TrainConfig::schedule() const {
   return s;
 }
 
+void read_training_keys(KeyReader& r, TrainConfig& c) {
+  r.get("max_steps", c.max_steps);
+  r.get("lr", c.lr);
+  r.get("weight_decay", c.weight_decay);
+  r.get_choice("scheduler", c.scheduler, {"none", "cosine", "linear", "polynomial"});
+  r.get("warmup_steps", c.warmup_steps);
+  r.get("min_lr_ratio", c.min_lr_ratio);
+  r.get("polynomial_power", c.polynomial_power);
+  r.get("batch_size", c.batch_size);
+  r.get("gradient_accumulation_steps", c.gradient_accumulation_steps);
+  r.get("grad_clip", c.grad_clip);
+  read_optimizer_config(r, c.optimizer);
+  r.get("no_decay_names", c.no_decay_names);
+  r.get("decay_names", c.decay_names);
+  r.get("eval_every", c.eval_every);
+  r.get("eval_steps", c.eval_steps);
+  r.get("log_every", c.log_every);
+  r.get("save_every", c.save_every);
+  r.get("save_best_only", c.save_best_only);
+  r.get("output_dir", c.output_dir);
+  r.get("load_optimizer_state", c.load_optimizer_state);
+  r.get("sample_every", c.sample_every);
+  r.get("sample_prompts", c.sample_prompts);
+  r.get("sample_tokens", c.sample_tokens);
+  r.get("sample_temperature", c.sample_temperature);
+  r.get("sample_top_k", c.sample_top_k);
+  r.get("sample_stop", c.sample_stop);
+  int64_t seed = static_cast<int64_t>(c.seed);
+  if (r.get("seed", seed)) {
+    if (seed < 0) r.problem("seed", "must not be negative");
+    c.seed = static_cast<uint64_t>(seed);
+  }
+  r.get_choice("device", c.device, {"auto", "cpu", "cuda"});
+  r.get("recompute", c.recompute);
+}
+
+void check_training_keys(KeyReader& r, const TrainConfig& c) {
+  auto at_least = [&r](const char* key, int64_t value, int64_t minimum) {
+    if (value < minimum) {
+      r.problem(key, "must be at least " + std::to_string(minimum) + ", found " + std::to_string(value));
+    }
+  };
+  at_least("max_steps", c.max_steps, 1);
+  at_least("batch_size", c.batch_size, 1);
+  at_least("gradient_accumulation_steps", c.gradient_accumulation_steps, 1);
+  at_least("warmup_steps", c.warmup_steps, 0);
+  at_least("eval_every", c.eval_every, 0);
+  at_least("eval_steps", c.eval_steps, 1);
+  at_least("log_every", c.log_every, 1);
+  at_least("save_every", c.save_every, 0);
+  at_least("prefetch", c.prefetch, 1);
+  at_least("sample_every", c.sample_every, 0);
+  at_least("sample_tokens", c.sample_tokens, 0);
+  if (!(c.lr > 0.0)) r.problem("lr", "must be positive");
+  if (c.weight_decay < 0.0) r.problem("weight_decay", "must not be negative");
+  if (c.grad_clip < 0.0) r.problem("grad_clip", "must not be negative (0 disables clipping)");
+  if (!(c.min_lr_ratio >= 0.0 && c.min_lr_ratio <= 1.0)) r.problem("min_lr_ratio", "must be in [0, 1]");
+  if (!(c.polynomial_power > 0.0)) r.problem("polynomial_power", "must be positive");
+  if (c.sample_temperature < 0.0) r.problem("sample_temperature", "must not be negative (0 is greedy)");
+  for (const auto& message : validate_optimizer_config(c.optimizer)) r.problems_add(message);
+}
+
 TrainConfig train_config_from_json(const json& object, const std::string& origin,
                                    const std::string& base_dir) {
   TrainConfig c;
@@ -50,72 +112,18 @@ TrainConfig train_config_from_json(const json& object, const std::string& origin
   r.get("val_fraction", c.val_fraction);
   r.get("skip_bad_lines", c.skip_bad_lines);
   r.get("prefetch", c.prefetch);
-  r.get("max_steps", c.max_steps);
-  r.get("lr", c.lr);
-  r.get("weight_decay", c.weight_decay);
-  r.get_choice("scheduler", c.scheduler, {"none", "cosine", "linear", "polynomial"});
-  r.get("warmup_steps", c.warmup_steps);
-  r.get("min_lr_ratio", c.min_lr_ratio);
-  r.get("polynomial_power", c.polynomial_power);
-  r.get("batch_size", c.batch_size);
   r.get("seq_len", c.seq_len);
-  r.get("gradient_accumulation_steps", c.gradient_accumulation_steps);
-  r.get("grad_clip", c.grad_clip);
-  read_optimizer_config(r, c.optimizer);
-  r.get("no_decay_names", c.no_decay_names);
-  r.get("decay_names", c.decay_names);
-  r.get("eval_every", c.eval_every);
-  r.get("eval_steps", c.eval_steps);
-  r.get("log_every", c.log_every);
-  r.get("save_every", c.save_every);
-  r.get("save_best_only", c.save_best_only);
-  r.get("output_dir", c.output_dir);
-  r.get("load_optimizer_state", c.load_optimizer_state);
-  r.get("sample_every", c.sample_every);
-  r.get("sample_prompts", c.sample_prompts);
-  r.get("sample_tokens", c.sample_tokens);
-  r.get("sample_temperature", c.sample_temperature);
-  r.get("sample_top_k", c.sample_top_k);
-  r.get("sample_stop", c.sample_stop);
-  int64_t seed = static_cast<int64_t>(c.seed);
-  if (r.get("seed", seed)) {
-    if (seed < 0) r.problem("seed", "must not be negative");
-    c.seed = static_cast<uint64_t>(seed);
-  }
-  r.get_choice("device", c.device, {"auto", "cpu", "cuda"});
-  r.get("recompute", c.recompute);
+  read_training_keys(r, c);
 
   if (r.problems().empty()) {
-    auto at_least = [&r](const char* key, int64_t value, int64_t minimum) {
-      if (value < minimum) {
-        r.problem(key, "must be at least " + std::to_string(minimum) + ", found " + std::to_string(value));
-      }
-    };
-    at_least("max_steps", c.max_steps, 1);
-    at_least("batch_size", c.batch_size, 1);
-    at_least("gradient_accumulation_steps", c.gradient_accumulation_steps, 1);
-    at_least("warmup_steps", c.warmup_steps, 0);
-    at_least("eval_every", c.eval_every, 0);
-    at_least("eval_steps", c.eval_steps, 1);
-    at_least("log_every", c.log_every, 1);
-    at_least("save_every", c.save_every, 0);
-    at_least("prefetch", c.prefetch, 1);
-    at_least("sample_every", c.sample_every, 0);
-    at_least("sample_tokens", c.sample_tokens, 0);
-    at_least("seq_len", c.seq_len, 0);
-    if (!(c.lr > 0.0)) r.problem("lr", "must be positive");
-    if (c.weight_decay < 0.0) r.problem("weight_decay", "must not be negative");
-    if (c.grad_clip < 0.0) r.problem("grad_clip", "must not be negative (0 disables clipping)");
+    check_training_keys(r, c);
     if (!(c.val_fraction >= 0.0 && c.val_fraction < 1.0)) r.problem("val_fraction", "must be in [0, 1)");
-    if (!(c.min_lr_ratio >= 0.0 && c.min_lr_ratio <= 1.0)) r.problem("min_lr_ratio", "must be in [0, 1]");
-    if (!(c.polynomial_power > 0.0)) r.problem("polynomial_power", "must be positive");
-    if (c.sample_temperature < 0.0) r.problem("sample_temperature", "must not be negative (0 is greedy)");
     if (c.datasets.empty()) r.problem("datasets", "must name at least one dataset");
+    if (c.seq_len < 0) r.problem("seq_len", "must be at least 0, found " + std::to_string(c.seq_len));
     if (have_model && c.seq_len > c.model.max_seq_len) {
       r.problem("seq_len", "(" + std::to_string(c.seq_len) + ") exceeds the model's max_seq_len (" +
                                std::to_string(c.model.max_seq_len) + ")");
     }
-    for (const auto& message : validate_optimizer_config(c.optimizer)) r.problems_add(message);
   }
   r.finish();
   return c;

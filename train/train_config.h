@@ -73,4 +73,9 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 TrainConfig train_config_from_json(const json& object, const std::string& origin,
                                    const std::string& base_dir = ".");
 
+// The keys every training loop shares (optimisation, schedule, evaluation, logging, checkpoints,
+// samples, seed, device), read into `c` and checked; the SFT config (train/sft_config.h) uses them too.
+void read_training_keys(KeyReader& r, TrainConfig& c);
+void check_training_keys(KeyReader& r, const TrainConfig& c);
+
 }  // namespace llm

@@ -87,8 +87,9 @@ void layernorm_forward(T* out, T* mean, T* rstd, const T* x, const T* weight,
   }
 }
 
-// dx: [N, C], accumulated (+=). dweight: [C], accumulated. dbias: [C], accumulated; null when the norm
-// has no bias. dout, x: [N, C]; mean, rstd: [N] from the forward pass; weight: [C].
+// dx: [N, C], accumulated (+=). dweight: [C], accumulated; null when the weight is frozen. dbias: [C],
+// accumulated; null when the norm has no bias or it is frozen. dout, x: [N, C]; mean, rstd: [N] from the
+// forward pass; weight: [C].
 template <typename T>
 void layernorm_backward(T* dx, T* dweight, std::common_type_t<T>* dbias, const T* dout, const T* x,
                         const T* mean, const T* rstd, const T* weight, int N, int C) {
@@ -115,7 +116,7 @@ void layernorm_backward(T* dx, T* dweight, std::common_type_t<T>* dbias, const T
       const double xhat = (xr[i] - mu) * rs;
       const double g = static_cast<double>(doutr[i]) * weight[i];
       dxr[i] += static_cast<T>(rs * (g - mean_g - xhat * mean_g_xhat));
-      dweight[i] += static_cast<T>(doutr[i] * xhat);
+      if (dweight != nullptr) dweight[i] += static_cast<T>(doutr[i] * xhat);
       if (dbias != nullptr) dbias[i] += doutr[i];
     }
   }
@@ -137,8 +138,8 @@ void rmsnorm_forward(T* out, T* rstd, const T* x, const T* weight, int N, int C,
   }
 }
 
-// dx: [N, C], accumulated (+=). dweight: [C], accumulated. dout, x: [N, C]; rstd: [N] from the forward
-// pass; weight: [C].
+// dx: [N, C], accumulated (+=). dweight: [C], accumulated; null when the weight is frozen. dout, x: [N, C];
+// rstd: [N] from the forward pass; weight: [C].
 template <typename T>
 void rmsnorm_backward(T* dx, T* dweight, const T* dout, const T* x, const T* rstd, const T* weight, int N,
                       int C) {
@@ -160,7 +161,7 @@ void rmsnorm_backward(T* dx, T* dweight, const T* dout, const T* x, const T* rst
       const double xhat = xr[i] * rs;
       const double g = static_cast<double>(doutr[i]) * weight[i];
       dxr[i] += static_cast<T>(rs * (g - xhat * mean_g_xhat));
-      dweight[i] += static_cast<T>(doutr[i] * xhat);
+      if (dweight != nullptr) dweight[i] += static_cast<T>(doutr[i] * xhat);
     }
   }
 }
