@@ -16,12 +16,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
-#include <filesystem>
 #include <string>
 #include <vector>
 
 #include "llm/config.h"
 #include "llm/gguf.h"
+#include "llm/gguf_tokenizer.h"
 #include "llm/hf_config.h"
 #include "llm/hf_model.h"
 #include "llm/params.h"
@@ -109,73 +109,6 @@ llm::HfSpecialTokens tokens_from_json(const json& j) {
   if (j.value("eos_token_id", json()).is_array()) {
     for (const auto& e : j["eos_token_id"]) {
       if (e.is_number_integer()) t.eos.push_back(e.get<int64_t>());
-    }
-  }
-  return t;
-}
-
-// The GGUF tokenizer metadata from a folder's tokenizer.json (byte-level BPE) and tokenizer_config.json.
-llm::GgufTokenizer gguf_tokenizer_from(const std::string& folder, const llm::HfSpecialTokens& special,
-                                       const std::string& arch) {
-  namespace fs = std::filesystem;
-  const fs::path json_path = fs::path(folder) / "tokenizer.json";
-  if (!fs::exists(json_path)) {
-    fail("GGUF export needs the tokenizer: no " + json_path.string() + " (give --tokenizer-from DIR)");
-  }
-  const json tok = llm::parse_json_file(json_path.string());
-  const json& model = tok.value("model", json());
-  if (!model.is_object() || model.value("type", "") != "BPE" || !model.contains("vocab") ||
-      !model["vocab"].is_object()) {
-    fail(json_path.string() + ": GGUF export supports byte-level BPE tokenizers (model.type \"BPE\") only");
-  }
-  llm::GgufTokenizer t;
-  std::vector<std::string> tokens;
-  std::vector<int32_t> types;
-  auto place = [&](int64_t id, const std::string& text, int32_t type) {
-    if (id < 0 || id > (1 << 24))
-      fail(json_path.string() + ": token id " + std::to_string(id) + " is out of range");
-    if (static_cast<size_t>(id) >= tokens.size()) {
-      tokens.resize(id + 1);
-      types.resize(id + 1, 0);
-    }
-    tokens[id] = text;
-    types[id] = type;
-  };
-  for (auto it = model["vocab"].begin(); it != model["vocab"].end(); ++it) {
-    if (!it->is_number_integer())
-      fail(json_path.string() + ": vocab entry " + it.key() + " is not an integer id");
-    place(it->get<int64_t>(), it.key(), 1);  // normal
-  }
-  for (const auto& added : tok.value("added_tokens", json::array())) {
-    if (!added.is_object() || !added.contains("id") || !added.contains("content")) continue;
-    place(added["id"].get<int64_t>(), added["content"].get<std::string>(),
-          added.value("special", false) ? 3 : 4);
-  }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (types[i] == 0)
-      fail(json_path.string() + ": token id " + std::to_string(i) + " is missing from the vocabulary");
-  }
-  for (const auto& merge : model.value("merges", json::array())) {
-    if (merge.is_string()) {
-      t.merges.push_back(merge.get<std::string>());
-    } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() && merge[1].is_string()) {
-      t.merges.push_back(merge[0].get<std::string>() + " " + merge[1].get<std::string>());
-    } else {
-      fail(json_path.string() + ": a merge is neither \"a b\" nor [\"a\", \"b\"]");
-    }
-  }
-  t.tokens = std::move(tokens);
-  t.token_types = std::move(types);
-  t.bos = static_cast<int>(special.bos);
-  t.eos = special.eos.empty() ? -1 : static_cast<int>(special.eos.front());
-  t.pad = static_cast<int>(special.pad);
-  // llama.cpp picks its pre-tokenizer regex by this name.
-  t.pre = arch == "llama" ? "llama-bpe" : "qwen2";
-  const fs::path config_path = fs::path(folder) / "tokenizer_config.json";
-  if (fs::exists(config_path)) {
-    const json config = llm::parse_json_file(config_path.string());
-    if (config.contains("chat_template") && config["chat_template"].is_string()) {
-      t.chat_template = config["chat_template"].get<std::string>();
     }
   }
   return t;
@@ -290,11 +223,10 @@ int main(int argc, char** argv) {
     // ---- Output
     if (!gguf_out.empty()) {
       const llm::GgufType type = llm::parse_gguf_type(gguf_type);
-      if (gguf_arch.empty())
-        gguf_arch = config.qk_norm ? "qwen3" : (config.attention_bias ? "qwen2" : "llama");
+      if (gguf_arch.empty()) gguf_arch = llm::default_gguf_arch(config);
       const std::string tokenizer_dir = !tokenizer_from.empty() ? tokenizer_from : source_dir;
       if (tokenizer_dir.empty()) fail("GGUF export needs the tokenizer: give --tokenizer-from DIR");
-      const llm::GgufTokenizer tokenizer = gguf_tokenizer_from(tokenizer_dir, tokens, gguf_arch);
+      const llm::GgufTokenizer tokenizer = llm::gguf_tokenizer_from_folder(tokenizer_dir, tokens, gguf_arch);
       const llm::ParameterLayout layout(config);
       std::printf("writing GGUF %s (arch %s, %s weights, %zu tokens)\n", gguf_out.c_str(), gguf_arch.c_str(),
                   gguf_type.c_str(), tokenizer.tokens.size());
