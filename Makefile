@@ -8,7 +8,7 @@ ifeq ($(shell command -v nvcc 2>/dev/null),)
   export CUDACXX ?= /usr/local/cuda/bin/nvcc
 endif
 
-PROGRAMS := train_pretrain model_info
+PROGRAMS := train_pretrain train_sft merge_lora convert tokenize model_info
 
 .PHONY: all deps configure test demo clean $(PROGRAMS)
 

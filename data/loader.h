@@ -36,7 +36,8 @@ struct Batch {
   std::vector<int32_t> inputs;     // B*T, row-major
   std::vector<int32_t> targets;    // B*T, inputs shifted left by one
   std::vector<int32_t> positions;  // B*T, 0..T-1 in each row
-  int64_t num_tokens = 0;          // target tokens in the batch
+  std::vector<int32_t> doc_ids;    // B*T document ids of packed rows (-1: padding); empty: one per row
+  int64_t num_tokens = 0;          // tokens that count for throughput (targets; SFT: non-padding)
   nlohmann::json state_after;      // the source's state right after producing this batch
 };
 

@@ -32,6 +32,8 @@ void read_training_keys(KeyReader& r, TrainConfig& c) {
   r.get("log_every", c.log_every);
   r.get("save_every", c.save_every);
   r.get("save_best_only", c.save_best_only);
+  r.get("early_stopping_patience", c.early_stopping_patience);
+  r.get("early_stopping_threshold", c.early_stopping_threshold);
   r.get("output_dir", c.output_dir);
   r.get("load_optimizer_state", c.load_optimizer_state);
   r.get("sample_every", c.sample_every);
@@ -66,6 +68,8 @@ void check_training_keys(KeyReader& r, const TrainConfig& c) {
   at_least("prefetch", c.prefetch, 1);
   at_least("sample_every", c.sample_every, 0);
   at_least("sample_tokens", c.sample_tokens, 0);
+  at_least("early_stopping_patience", c.early_stopping_patience, 0);
+  if (c.early_stopping_threshold < 0.0) r.problem("early_stopping_threshold", "must not be negative");
   if (!(c.lr > 0.0)) r.problem("lr", "must be positive");
   if (c.weight_decay < 0.0) r.problem("weight_decay", "must not be negative");
   if (c.grad_clip < 0.0) r.problem("grad_clip", "must not be negative (0 disables clipping)");
@@ -167,6 +171,8 @@ json TrainConfig::to_json() const {
   j["log_every"] = log_every;
   j["save_every"] = save_every;
   j["save_best_only"] = save_best_only;
+  j["early_stopping_patience"] = early_stopping_patience;
+  j["early_stopping_threshold"] = early_stopping_threshold;
   j["output_dir"] = output_dir;
   j["sample_every"] = sample_every;
   j["sample_prompts"] = sample_prompts;

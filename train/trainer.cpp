@@ -25,6 +25,7 @@ TokenBatch view_of(const data::Batch& b) {
   t.inputs = b.inputs.data();
   t.targets = b.targets.data();
   t.positions = b.positions.empty() ? nullptr : b.positions.data();
+  t.doc_ids = b.doc_ids.empty() ? nullptr : b.doc_ids.data();
   return t;
 }
 
@@ -100,6 +101,7 @@ Checkpoint Trainer::make_checkpoint(int64_t step) {
   ck.meta["best_val_loss"] = std::isnan(best_val_loss_) ? json(nullptr) : json(best_val_loss_);
   ck.meta["tokens_seen"] = tokens_seen_;
   ck.meta["optimizer_step_offset"] = optimizer_step_offset_;
+  ck.meta["evals_without_improvement"] = evals_without_improvement_;
   const std::vector<float> params = backend_.read_parameters();
   for (const auto& t : backend_.layout().tensors()) {
     ck.arrays.push_back({t.name, "param", t.shape,
@@ -179,6 +181,10 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
   tokens_seen_ = meta.contains("tokens_seen") && meta["tokens_seen"].is_number_integer()
                      ? meta["tokens_seen"].get<int64_t>()
                      : 0;
+  evals_without_improvement_ =
+      meta.contains("evals_without_improvement") && meta["evals_without_improvement"].is_number_integer()
+          ? meta["evals_without_improvement"].get<int>()
+          : 0;
   return step;
 }
 
@@ -204,6 +210,7 @@ bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {
   }
   write_checkpoint(path, ck);
   result.last_checkpoint = path;
+  if (after_save) after_save(file, step);
   return true;
 }
 
@@ -323,8 +330,10 @@ RunResult Trainer::run(const RunOptions& options) {
       const double val_loss = evaluate();
       result.last_val_loss = val_loss;
       const bool improved =
-          std::isfinite(val_loss) && (std::isnan(best_val_loss_) || val_loss < best_val_loss_);
+          std::isfinite(val_loss) &&
+          (std::isnan(best_val_loss_) || val_loss < best_val_loss_ - config_.early_stopping_threshold);
       if (improved) best_val_loss_ = val_loss;
+      evals_without_improvement_ = improved ? 0 : evals_without_improvement_ + 1;
       if (options.print) {
         std::printf("step %6lld/%lld | val loss %.4f%s\n", (long long)step, (long long)max_steps, val_loss,
                     improved ? " (best)" : "");
@@ -332,6 +341,15 @@ RunResult Trainer::run(const RunOptions& options) {
       log_metrics({{"step", step}, {"val_loss", val_loss}});
       if (improved && !save("best.ckpt", step, result)) {
         result.stopped_on_nonfinite = true;
+        break;
+      }
+      if (config_.early_stopping_patience > 0 && evals_without_improvement_ >= config_.early_stopping_patience) {
+        if (options.print) {
+          std::printf("step %6lld/%lld | early stopping: %d evaluations without a new best (best val loss %.4f)\n",
+                      (long long)step, (long long)max_steps, evals_without_improvement_, best_val_loss_);
+        }
+        result.early_stopped = true;
+        if (!save("latest.ckpt", step, result)) result.stopped_on_nonfinite = true;
         break;
       }
     }

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,7 @@ struct RunResult {
   std::vector<double> losses;  // train loss of every step taken in this run
   double last_val_loss = NAN, best_val_loss = NAN;
   bool stopped_on_nonfinite = false;
+  bool early_stopped = false;  // early_stopping_patience evaluations passed without a new best
   std::string last_checkpoint;  // "" when none was written
 };
 
@@ -47,6 +49,9 @@ class Trainer {
   int64_t restore_checkpoint(const std::string& path, bool load_optimizer_state);
 
   double evaluate();
+  // Called after each checkpoint file is written ("best.ckpt", "latest.ckpt", "step_N.ckpt"), e.g. to
+  // write LoRA adapters beside it.
+  std::function<void(const std::string& file, int64_t step)> after_save;
   std::string generate(const std::string& prompt, int max_tokens, uint64_t sample_counter);
 
  private:
@@ -65,6 +70,7 @@ class Trainer {
   int64_t tokens_seen_ = 0;
   // Global step minus the optimizer's own step count (non-zero after resuming without optimizer state).
   int64_t optimizer_step_offset_ = 0;
+  int evals_without_improvement_ = 0;
 };
 
 // Builds the tokenizer, datasets, loaders and backend from a config and runs it: what

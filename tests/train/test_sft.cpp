@@ -1,0 +1,347 @@
+// SFT end to end on the CPU: the config's keys and errors, a packed batch has the same loss and
+// gradients as the same examples unpacked, prompt positions contribute nothing to the gradient, a killed
+// and re-run job resumes bitwise, and the example configs run (LoRA and QLoRA) on a small Hugging Face
+// folder, writing PEFT adapters whose merge reproduces the trained model.
+#include <gtest/gtest.h>
+
+#include <sys/stat.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "data/byte_tokenizer.h"
+#include "data/chat_template.h"
+#include "data/sft_dataset.h"
+#include "data/sft_loader.h"
+#include "llm/hf_model.h"
+#include "llm/lora_adapter.h"
+#include "llm/model.h"
+#include "train/checkpoint.h"
+#include "train/cpu_backend.h"
+#include "train/sft.h"
+#include "train/sft_config.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using llm::json;
+
+std::string temp_dir(const std::string& name) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("llm_test_sft_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+json tiny_model_json() {
+  return json{{"vocab_size", 260}, {"d_model", 16}, {"n_heads", 2},      {"n_kv_heads", 1},
+              {"d_ff", 24},        {"n_layers", 2}, {"max_seq_len", 256}};
+}
+
+llm::ModelConfig tiny_model() {
+  return llm::model_config_from_json(tiny_model_json(), "test");
+}
+
+std::string error_of(const json& object) {
+  try {
+    llm::sft_config_from_json(object, "cfg.json");
+  } catch (const llm::ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(SftConfig, DefaultsAndSpellings) {
+  const llm::SftConfig c = llm::sft_config_from_json(json{{"model", tiny_model_json()}}, "cfg.json");
+  EXPECT_DOUBLE_EQ(c.train.lr, 5e-6);
+  EXPECT_DOUBLE_EQ(c.train.weight_decay, 0.01);
+  EXPECT_EQ(c.train.batch_size, 4);
+  EXPECT_EQ(c.train.gradient_accumulation_steps, 16);
+  EXPECT_EQ(c.train.output_dir, "sft_checkpoints");
+  EXPECT_FALSE(c.lora.enabled);
+  EXPECT_EQ(c.lora.preset, "minimal");
+  EXPECT_EQ(c.lora.r, 8);
+  EXPECT_DOUBLE_EQ(c.lora.alpha, 16.0);
+  EXPECT_DOUBLE_EQ(c.lora.dropout, 0.05);
+  EXPECT_TRUE(c.data.completion_only_loss);
+
+  const llm::SftConfig d = llm::sft_config_from_json(json{{"model", tiny_model_json()},
+                                                          {"learning_rate", 2e-4},
+                                                          {"max_grad_norm", 0.5},
+                                                          {"use_lora", true},
+                                                          {"load_in_4bit", true},
+                                                          {"bnb_4bit_use_double_quant", false}},
+                                                     "cfg.json");
+  EXPECT_DOUBLE_EQ(d.train.lr, 2e-4);
+  EXPECT_DOUBLE_EQ(d.train.grad_clip, 0.5);
+  EXPECT_TRUE(d.quant.nf4);
+  EXPECT_FALSE(d.quant.double_quant);
+}
+
+TEST(SftConfig, ErrorsNameTheKey) {
+  const json m = tiny_model_json();
+  EXPECT_NE(error_of(json{{"train_file", "x.jsonl"}}).find("base_model"), std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"lr", 1e-4}, {"learning_rate", 1e-4}}).find("learning_rate"),
+            std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"lora_r", 16}}).find("has no effect without \"use_lora\""),
+            std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"load_in_4bit", true}}).find("use_lora"), std::string::npos);
+  EXPECT_NE(
+      error_of(json{{"model", m}, {"use_lora", true}, {"lora_preset", "custom"}}).find("lora_target_modules"),
+      std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"use_lora", true}, {"lora_r", 0}}).find("lora_r"),
+            std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"bnb_4bit_quant_type", "fp4"}}).find("only \"nf4\""),
+            std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"max_length", 500}}).find("max_seq_len"), std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"lora_rank", 8}}).find("lora_r"), std::string::npos);  // nearest key
+  EXPECT_NE(error_of(json{{"model", m}, {"warmup_ratio", 1.5}}).find("warmup_ratio"), std::string::npos);
+}
+
+// The first `count` built-in arithmetic chats, tokenised with ChatML and the byte tokenizer.
+std::shared_ptr<llm::data::SftDataset> small_dataset(int count, bool completion_only = true) {
+  static const llm::data::ByteTokenizer tokenizer;
+  llm::data::SftOptions options;
+  options.max_length = 256;
+  options.completion_only_loss = completion_only;
+  return llm::data::tokenize_sft_examples("test", llm::data::arithmetic_sft_examples(count, 3), tokenizer,
+                                          llm::data::chat_template_by_name("chatml"), options);
+}
+
+struct Gradients {
+  double loss = 0.0;
+  int targets = 0;
+  std::vector<double> grads;
+};
+
+Gradients run_batch(const llm::data::SftBatch& b, int max_batch) {
+  llm::Model<double> model(tiny_model(), llm::ModelOptions(max_batch, 256, false));
+  model.init_weights(5);
+  model.set_training(false);
+  Gradients g;
+  g.loss = model.forward(b.inputs.data(), b.targets.data(), b.B, b.T, b.positions.data(), b.doc_ids.data());
+  g.targets = model.target_count();
+  model.zero_grad();
+  model.backward_mean_cross_entropy();
+  g.grads = model.gradients();
+  return g;
+}
+
+TEST(SftTraining, PackedBatchHasTheLossAndGradientsOfTheSameExamplesUnpacked) {
+  const auto data = small_dataset(6);
+  llm::data::SftLoaderOptions unpacked;
+  unpacked.B = 6;
+  unpacked.shuffle = false;
+  llm::data::SftLoaderOptions packed = unpacked;
+  packed.packing = true;
+  llm::data::SftLoader u(data, unpacked), p(data, packed);
+  const llm::data::SftBatch ub = u.next(), pb = p.next();
+  ASSERT_EQ(u.steps_per_epoch(), 1);
+  ASSERT_EQ(p.steps_per_epoch(), 1);
+  EXPECT_LT(p.bins_per_epoch(), 6);  // several documents really share a row
+  EXPECT_EQ(ub.num_target_tokens, pb.num_target_tokens);
+  const Gradients a = run_batch(ub, 6), b = run_batch(pb, 6);
+  EXPECT_EQ(a.targets, b.targets);
+  EXPECT_NEAR(a.loss, b.loss, 1e-12 * std::fabs(a.loss));
+  ASSERT_EQ(a.grads.size(), b.grads.size());
+  for (size_t i = 0; i < a.grads.size(); ++i) ASSERT_NEAR(a.grads[i], b.grads[i], 1e-12) << i;
+}
+
+TEST(SftTraining, PromptPositionsContributeNoGradient) {
+  // Completion-only targets against the full-sequence targets of the same chats, with the upstream
+  // gradient of the full forward put only on the assistant positions: the two gradients are equal, so
+  // the prompt positions add exactly nothing.
+  const auto masked = small_dataset(3, true), full = small_dataset(3, false);
+  llm::data::SftLoaderOptions o;
+  o.B = 3;
+  o.shuffle = false;
+  llm::data::SftLoader lm(masked, o), lf(full, o);
+  const llm::data::SftBatch bm = lm.next(), bf = lf.next();
+  ASSERT_EQ(bm.inputs, bf.inputs);
+  EXPECT_GT(bf.num_target_tokens, 2 * bm.num_target_tokens);  // the prompts are longer than the replies
+
+  const Gradients expected = run_batch(bm, 3);
+  llm::Model<double> model(tiny_model(), llm::ModelOptions(3, 256, false));
+  model.init_weights(5);
+  model.set_training(false);
+  model.forward(bf.inputs.data(), bf.targets.data(), bf.B, bf.T, bf.positions.data(), bf.doc_ids.data());
+  std::vector<double> upstream(bf.targets.size(), 0.0);
+  int count = 0;
+  for (size_t n = 0; n < upstream.size(); ++n) count += bm.targets[n] != -100;
+  for (size_t n = 0; n < upstream.size(); ++n) {
+    if (bm.targets[n] != -100) {
+      ASSERT_EQ(bm.targets[n], bf.targets[n]);
+      upstream[n] = -1.0 / count;  // d(mean of -logprob) / d logprob
+    }
+  }
+  model.zero_grad();
+  model.backward(upstream.data());
+  ASSERT_EQ(model.gradients().size(), expected.grads.size());
+  for (size_t i = 0; i < expected.grads.size(); ++i)
+    ASSERT_NEAR(model.gradients()[i], expected.grads[i], 1e-12) << i;
+}
+
+json tiny_run_config(const std::string& out) {
+  return json{{"model", tiny_model_json()},
+              {"max_length", 160},
+              {"batch_size", 3},
+              {"gradient_accumulation_steps", 2},
+              {"max_steps", 6},
+              {"lr", 3e-3},
+              {"warmup_steps", 1},
+              {"use_lora", true},
+              {"lora_preset", "all"},
+              {"lora_r", 4},
+              {"lora_alpha", 8},
+              {"lora_dropout", 0.1},
+              {"packing", true},
+              {"eval_every", 3},
+              {"eval_steps", 2},
+              {"save_every", 2},
+              {"save_best_only", false},
+              {"log_every", 1},
+              {"output_dir", out},
+              {"device", "cpu"}};
+}
+
+llm::SftRunOptions quiet() {
+  llm::SftRunOptions o;
+  o.run.print = false;
+  return o;
+}
+
+std::vector<float> checkpoint_params(const std::string& path) {
+  std::vector<float> all;
+  for (const auto& a : llm::read_checkpoint(path).arrays) {
+    if (a.kind == "param") all.insert(all.end(), a.data.begin(), a.data.end());
+  }
+  return all;
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+int64_t first_logged_step(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!std::getline(in, line)) return -1;
+  return json::parse(line).at("step").get<int64_t>();
+}
+
+TEST(SftTraining, RerunAfterAKillResumesBitwise) {
+  const std::string a = temp_dir("uninterrupted"), b = temp_dir("killed");
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(tiny_run_config(a), "a.json"), quiet()), 0);
+  // The killed run: everything up to its step-4 checkpoint, which it wrote as latest.ckpt before dying.
+  fs::copy_file(a + "/step_00000004.ckpt", b + "/latest.ckpt");
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(tiny_run_config(b), "b.json"), quiet()), 0);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  EXPECT_EQ(file_bytes(a + "/final_lora_adapters/adapter_model.safetensors"),
+            file_bytes(b + "/final_lora_adapters/adapter_model.safetensors"));
+  // It resumed (its metrics start after step 4) rather than starting over, and did train.
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
+  EXPECT_NE(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(a + "/step_00000004.ckpt"));
+  // --fresh ignores the checkpoint: a rerun in place reproduces the same result from scratch.
+  llm::SftRunOptions fresh = quiet();
+  fresh.fresh = true;
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(tiny_run_config(b), "b.json"), fresh), 0);
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 1);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+TEST(SftTraining, EarlyStoppingEndsTheRunAndKeepsALatestCheckpoint) {
+  const std::string out = temp_dir("early");
+  json c = tiny_run_config(out);
+  c["max_steps"] = 12;
+  c["eval_every"] = 2;
+  c["early_stopping_patience"] = 2;
+  c["early_stopping_threshold"] = 100.0;  // no evaluation can beat the first by that much
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(c, "early.json"), quiet()), 0);
+  // Evaluations at steps 2 (best), 4 and 6 (no new best): the run stops at step 6.
+  EXPECT_EQ(llm::read_checkpoint(out + "/latest.ckpt").meta["step"].get<int64_t>(), 6);
+  EXPECT_EQ(llm::read_checkpoint(out + "/best.ckpt").meta["step"].get<int64_t>(), 2);
+  fs::remove_all(out);
+}
+
+// A small Qwen2-style Hugging Face folder with the fixture BPE tokenizer and random weights.
+std::string small_hf_folder(llm::ModelConfig& config) {
+  const std::string dir = temp_dir("base");
+  config = llm::ModelConfig{};
+  config.vocab_size = 912;
+  config.d_model = 32;
+  config.n_heads = 4;
+  config.n_kv_heads = 2;
+  config.attention_type = "gqa";
+  config.d_ff = 64;
+  config.n_layers = 2;
+  config.max_seq_len = 128;
+  config.attention_bias = true;
+  config.tie_word_embeddings = true;
+  llm::Model<float> model(config, llm::ModelOptions(1, 8, false));
+  model.init_weights(21);
+  llm::HfExportOptions options;
+  options.source_dir = std::string(LLM_SOURCE_DIR) + "/tests/fixtures/tokenizers/qwen2";
+  llm::save_hf_model(dir, model, options);
+  return dir;
+}
+
+void run_example_config(const std::string& name, bool nf4) {
+  llm::ModelConfig config;
+  const std::string base = small_hf_folder(config);
+  const std::string out = temp_dir(name);
+  const llm::SftConfig c =
+      llm::load_sft_config(std::string(LLM_SOURCE_DIR) + "/train/configs/" + name,
+                           {"base_model=" + base, "output_dir=" + out, "max_steps=3", "batch_size=2",
+                            "gradient_accumulation_steps=1", "max_length=128", "eval_every=3", "eval_steps=2",
+                            "sample_prompts=[]", "device=cpu"});
+  EXPECT_EQ(c.quant.nf4, nf4);
+  ASSERT_EQ(llm::run_sft(c, quiet()), 0);
+  for (const char* dir : {"/best_lora_adapters", "/final_lora_adapters"}) {
+    EXPECT_TRUE(fs::exists(out + dir + "/adapter_config.json")) << dir;
+    EXPECT_TRUE(fs::exists(out + dir + "/adapter_model.safetensors")) << dir;
+  }
+  // The adapter, merged into the base (through NF4 for QLoRA), gives the logits the trained model gives.
+  const llm::PeftAdapter adapter = llm::load_peft_adapter(out + "/final_lora_adapters", config);
+  EXPECT_EQ(adapter.settings.r, c.lora.r);
+  std::vector<float> merged = llm::load_hf_parameters(base, config);
+  if (nf4) llm::nf4_round_trip_base(config, c.quant, merged);
+  llm::merge_lora_into(config, adapter, merged);
+  llm::Model<float> merged_model(config, llm::ModelOptions(1, 16, false));
+  std::copy(merged.begin(), merged.end(), merged_model.parameters().begin());
+
+  llm::Model<float> trained(config, llm::ModelOptions(1, 16, false, c.lora));
+  const std::vector<float> saved = checkpoint_params(out + "/latest.ckpt");
+  ASSERT_EQ(saved.size(), trained.parameters().size());
+  trained.parameters() = saved;
+  merged_model.set_training(false);
+  trained.set_training(false);
+  const std::vector<int32_t> ids{3, 17, 250, 9, 800, 41, 5, 77};
+  merged_model.forward(ids.data(), nullptr, 1, 8);
+  trained.forward(ids.data(), nullptr, 1, 8);
+  double max_diff = 0.0, max_logit = 0.0;
+  for (size_t i = 0; i < ids.size() * config.vocab_size; ++i) {
+    max_diff =
+        std::max(max_diff, static_cast<double>(std::fabs(merged_model.logits()[i] - trained.logits()[i])));
+    max_logit = std::max(max_logit, static_cast<double>(std::fabs(trained.logits()[i])));
+  }
+  EXPECT_LT(max_diff, 1e-5 * std::max(1.0, max_logit)) << name;
+  fs::remove_all(base);
+  fs::remove_all(out);
+}
+
+TEST(SftTraining, QloraR64ExampleConfigRunsAndItsAdapterMerges) {
+  run_example_config("sft_qlora_r64.json", true);
+}
+TEST(SftTraining, QloraR32ExampleConfigRunsAndItsAdapterMerges) {
+  run_example_config("sft_qlora_r32_completion.json", true);
+}
+
+}  // namespace
