@@ -10,7 +10,7 @@ endif
 
 PROGRAMS := train_pretrain train_sft merge_lora convert tokenize model_info
 
-.PHONY: all deps configure test demo clean $(PROGRAMS)
+.PHONY: all deps configure test demo demo_sft profile clean $(PROGRAMS)
 
 all: configure
 	cmake --build $(BUILD) -j$(JOBS)
@@ -29,6 +29,18 @@ $(PROGRAMS): configure
 # generated arithmetic corpus, with falling train/validation loss and samples at the end.
 demo: train_pretrain
 	./train_pretrain -c train/configs/demo.json
+
+# LoRA SFT on top of the demo's model: teaches it the ChatML turn format on built-in arithmetic chats.
+demo_sft: train_sft
+	@test -f demo_out/best.ckpt || $(MAKE) demo
+	./train_sft -c train/configs/demo_sft.json --fresh
+
+# ./train_pretrain built with -lineinfo (same code, source lines for Nsight Compute), for
+# dev/profile/README.md. Binaries land at the repository root, so it replaces the plain build's.
+PROFILE_BUILD ?= build-profile
+profile: deps
+	@cmake -S . -B $(PROFILE_BUILD) $(CMAKE_FLAGS) -DCMAKE_CUDA_FLAGS=-lineinfo >/dev/null
+	cmake --build $(PROFILE_BUILD) -j$(JOBS) --target train_pretrain
 
 test: all
 	cd $(BUILD) && ctest --output-on-failure -j$(JOBS)

@@ -56,8 +56,9 @@ __global__ void grad_norm_partials_kernel(double* partials, const TG* grad, size
 }
 
 // Pass 2: one thread adds the partials in order.
-__global__ void grad_norm_finalize_kernel(float* norm, float* clip_scale, const double* partials, int count,
-                                          float max_norm) {
+// static: the header is included by several .cu files of one library.
+static __global__ void grad_norm_finalize_kernel(float* norm, float* clip_scale, const double* partials,
+                                                 int count, float max_norm) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   double total = 0.0;
   for (int b = 0; b < count; ++b) total += partials[b];

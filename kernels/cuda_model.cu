@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -24,6 +25,7 @@
 #include "kernels/matmul.cuh"
 #include "kernels/norms.cuh"
 #include "kernels/nvtx.cuh"
+#include "kernels/philox.h"
 #include "kernels/positions.cuh"
 
 namespace llm::cuda {
@@ -78,6 +80,71 @@ __global__ void to_float_kernel(float* dst, const T* src, size_t n) {
 constexpr int kThreads = 256;
 inline int blocks(size_t n) {
   return ceil_div(static_cast<long long>(n), kThreads);
+}
+
+// One block per row of logits [rows, ld] (V used): labels[row] = a token drawn from softmax(logits[row])
+// exactly as llm::sample_token(logits, 1.0, 0, seed, counter_base + row) draws it on the host:
+//   w_v = exp(l_v - max_v l_v) in fp64;  u = philox_uniform(seed, counter_base + row, 0) * sum_v w_v;
+//   label = the first v with u < w_0 + ... + w_v (V - 1 when rounding leaves none).
+// Thread t owns the contiguous slice [t * per, (t + 1) * per) of the vocabulary. The slice sums are
+// added in thread order (thread 0 alone) into each slice's starting offset, so a running sum is its
+// slice's offset plus the slice's own terms in order: the host's left-to-right sum up to the grouping
+// of the fp64 additions. Each thread finds the first crossing in its slice; the smallest index wins.
+constexpr int kSampleThreads = 256;  // a power of two (tree reductions)
+template <typename T>
+__global__ void sample_rows_kernel(int32_t* labels, const T* logits, int ld, int V, uint64_t seed,
+                                   uint64_t counter_base) {
+  __shared__ double partial[kSampleThreads];
+  __shared__ int first[kSampleThreads];
+  __shared__ double total;
+  const int tid = static_cast<int>(threadIdx.x);
+  const T* x = logits + static_cast<size_t>(blockIdx.x) * ld;
+  const int per = (V + kSampleThreads - 1) / kSampleThreads;
+  const int begin = min(V, tid * per), end = min(V, begin + per);
+
+  double m = -INFINITY;
+  for (int v = begin; v < end; ++v) m = fmax(m, static_cast<double>(to_float(x[v])));
+  partial[tid] = m;
+  __syncthreads();
+  for (int s = kSampleThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) partial[tid] = fmax(partial[tid], partial[tid + s]);
+    __syncthreads();
+  }
+  const double max_logit = partial[0];  // a max: exact in any order
+  __syncthreads();
+
+  double sum = 0.0;
+  for (int v = begin; v < end; ++v) sum += exp(static_cast<double>(to_float(x[v])) - max_logit);
+  partial[tid] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    double running = 0.0;  // exclusive prefix over the slices, in order
+    for (int t = 0; t < kSampleThreads; ++t) {
+      const double slice = partial[t];
+      partial[t] = running;
+      running += slice;
+    }
+    total = running;
+  }
+  __syncthreads();
+
+  const double u = static_cast<double>(philox_uniform(seed, counter_base + blockIdx.x, 0)) * total;
+  int found = INT_MAX;
+  double cumulative = partial[tid];
+  for (int v = begin; v < end; ++v) {
+    cumulative += exp(static_cast<double>(to_float(x[v])) - max_logit);
+    if (u < cumulative) {
+      found = v;
+      break;
+    }
+  }
+  first[tid] = found;
+  __syncthreads();
+  for (int s = kSampleThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) first[tid] = min(first[tid], first[tid + s]);
+    __syncthreads();
+  }
+  if (tid == 0) labels[blockIdx.x] = first[0] == INT_MAX ? V - 1 : first[0];
 }
 
 // Tensor names, dropout sites, rope_params and activation_kind are shared with llm/model.cpp.
@@ -137,6 +204,7 @@ struct CudaModel::Impl {
   virtual void upload_parameters(const std::vector<float>& values) = 0;
   virtual std::vector<float> download_parameters() const = 0;
   virtual std::vector<float> download_gradients() const = 0;
+  virtual void upload_gradients(const std::vector<float>& values) = 0;
   virtual double forward(const int32_t* inputs, const int32_t* targets, int B, int T,
                          const int32_t* positions, const int32_t* doc_ids, bool with_backward,
                          double scale) = 0;
@@ -150,6 +218,9 @@ struct CudaModel::Impl {
   virtual std::vector<float> download_adamw_state(int which, size_t tensor) const = 0;
   virtual void upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) = 0;
   virtual std::vector<float> next_token_logits(const std::vector<int32_t>& tokens) = 0;
+  virtual std::vector<int32_t> sample_labels(const int32_t* inputs, int B, int T, const int32_t* positions,
+                                             const int32_t* doc_ids, uint64_t seed,
+                                             uint64_t counter_base) = 0;
   virtual void synchronize() const = 0;
   virtual float* device_master() = 0;
   virtual float* device_gradients() = 0;
@@ -172,6 +243,7 @@ class ModelImpl final : public CudaModel::Impl {
   void upload_parameters(const std::vector<float>& values) override;
   std::vector<float> download_parameters() const override;
   std::vector<float> download_gradients() const override;
+  void upload_gradients(const std::vector<float>& values) override;
   double forward(const int32_t* inputs, const int32_t* targets, int B, int T_len, const int32_t* positions,
                  const int32_t* doc_ids, bool with_backward, double scale) override;
   void backward_mean_cross_entropy(double scale) override;
@@ -184,6 +256,8 @@ class ModelImpl final : public CudaModel::Impl {
   std::vector<float> download_adamw_state(int which, size_t tensor) const override;
   void upload_adamw_state(int which, size_t tensor, const std::vector<float>& values) override;
   std::vector<float> next_token_logits(const std::vector<int32_t>& tokens) override;
+  std::vector<int32_t> sample_labels(const int32_t* inputs, int B, int T_len, const int32_t* positions,
+                                     const int32_t* doc_ids, uint64_t seed, uint64_t counter_base) override;
   void synchronize() const override { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
   float* device_master() override { return master_; }
   float* device_gradients() override { return grads_; }
@@ -503,6 +577,18 @@ std::vector<float> ModelImpl<T>::download_gradients() const {
       cudaMemcpyAsync(out.data(), grads_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   return out;
+}
+
+template <typename T>
+void ModelImpl<T>::upload_gradients(const std::vector<float>& values) {
+  const size_t G = layout.trainable_elements();
+  if (values.size() != G) {
+    throw std::invalid_argument("gradient count " + std::to_string(values.size()) +
+                                " does not match the model's " + std::to_string(G));
+  }
+  if (G == 0) return;
+  CUDA_CHECK(cudaMemcpyAsync(grads_, values.data(), G * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 template <typename T>
@@ -1013,6 +1099,41 @@ std::vector<float> ModelImpl<T>::next_token_logits(const std::vector<int32_t>& t
   return out;
 }
 
+template <typename T>
+std::vector<int32_t> ModelImpl<T>::sample_labels(const int32_t* inputs, int B, int T_len,
+                                                 const int32_t* positions, const int32_t* doc_ids,
+                                                 uint64_t seed, uint64_t counter_base) {
+  NvtxRange range("sample_labels");
+  const bool was_training = training;
+  training = false;
+  try {
+    upload_batch(inputs, nullptr, B, T_len, positions, doc_ids);
+    forward_layers();
+  } catch (...) {
+    training = was_training;
+    throw;
+  }
+  training = was_training;
+  // The logits chunk by chunk in the classifier scratch (as classifier.cu computes them), each chunk
+  // sampled into d_targets_ (free until the next batch is uploaded).
+  const int N = B_ * T_, C = config.d_model, V = config.vocab_size;
+  const int ld = classifier_padded_vocab(V);
+  const std::string head = config.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+  for (int r0 = 0; r0 < N; r0 += chunk_rows_) {
+    const int rows = std::min(chunk_rows_, N - r0);
+    gemm<T, T>(classifier_scratch_, final_norm_out_ + static_cast<size_t>(r0) * C, param(head),
+               static_cast<const T*>(nullptr), rows, V, C, C, C, ld, false, true, 1.0f, 0.0f, stream_);
+    sample_rows_kernel<<<rows, kSampleThreads, 0, stream_>>>(d_targets_ + r0, classifier_scratch_, ld, V,
+                                                             seed, counter_base + static_cast<uint64_t>(r0));
+    CUDA_CHECK_LAUNCH();
+  }
+  std::vector<int32_t> labels(static_cast<size_t>(N));
+  CUDA_CHECK(cudaMemcpyAsync(labels.data(), d_targets_, labels.size() * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return labels;
+}
+
 }  // namespace
 
 // ---- CudaModel ------------------------------------------------------------------------------------------
@@ -1046,6 +1167,9 @@ std::vector<float> CudaModel::download_parameters() const {
 }
 std::vector<float> CudaModel::download_gradients() const {
   return impl_->download_gradients();
+}
+void CudaModel::upload_gradients(const std::vector<float>& values) {
+  impl_->upload_gradients(values);
 }
 void CudaModel::set_dropout_rng(uint64_t seed, uint64_t counter) {
   impl_->dropout_seed = seed;
@@ -1092,8 +1216,24 @@ void CudaModel::upload_adamw_state(int which, size_t tensor, const std::vector<f
 std::vector<float> CudaModel::next_token_logits(const std::vector<int32_t>& tokens) {
   return impl_->next_token_logits(tokens);
 }
+std::vector<int32_t> CudaModel::sample_labels(const int32_t* inputs, int B, int T, const int32_t* positions,
+                                              const int32_t* doc_ids, uint64_t seed, uint64_t counter_base) {
+  return impl_->sample_labels(inputs, B, T, positions, doc_ids, seed, counter_base);
+}
 void CudaModel::synchronize() const {
   impl_->synchronize();
+}
+float* CudaModel::device_master() {
+  return impl_->device_master();
+}
+float* CudaModel::device_gradients() {
+  return impl_->device_gradients();
+}
+void* CudaModel::cuda_stream() {
+  return impl_->cuda_stream();
+}
+void CudaModel::refresh_working_copy() {
+  impl_->refresh_working_copy();
 }
 
 }  // namespace llm::cuda

@@ -64,6 +64,9 @@ class CudaModel {
   std::vector<float> download_parameters() const;
   // The fp32 gradient arena (trainable_elements(), grad_offset order).
   std::vector<float> download_gradients() const;
+  // Overwrites the gradient arena (same order and length), e.g. for tests that hand both backends the
+  // same gradients.
+  void upload_gradients(const std::vector<float>& values);
 
   void set_dropout_rng(uint64_t seed, uint64_t counter);
   void set_training(bool training);
@@ -94,6 +97,16 @@ class CudaModel {
 
   // Logits of the last position of one sequence (dropout off; the last max_seq tokens are used).
   std::vector<float> next_token_logits(const std::vector<int32_t>& tokens);
+
+  // One label per position drawn from the model's own next-token distribution (Sophia's
+  // Gauss-Newton-Bartlett estimate): a forward pass with dropout off on B x T host tokens, then, for
+  // position n, the token llm::sample_token(logits_n, 1.0, 0, seed, counter_base + n) picks on the host
+  // (llm/sampling.h): fp64 weights exp(l - max), u = philox_uniform(seed, counter_base + n, 0) * sum,
+  // the first token whose running sum exceeds u. The logits are the working precision's (bf16 in
+  // training); the running sums are added in another order than the host loop's, which can change a
+  // label only when u lies within about 1e-16 (relative) of a boundary. Returns the B*T labels (host).
+  std::vector<int32_t> sample_labels(const int32_t* inputs, int B, int T, const int32_t* positions,
+                                     const int32_t* doc_ids, uint64_t seed, uint64_t counter_base);
 
   // Waits for the device.
   void synchronize() const;

@@ -50,6 +50,29 @@ std::vector<T> DeviceArray<T>::download() const {
   return host;
 }
 
+template <typename T>
+void DeviceArray<T>::upload(const T* host, size_t offset, size_t count) {
+  if (offset > n_ || count > n_ - offset) {
+    throw std::out_of_range("DeviceArray::upload: elements [" + std::to_string(offset) + ", " +
+                            std::to_string(offset + count) + ") of " + std::to_string(n_));
+  }
+  if (count > 0) CUDA_CHECK(cudaMemcpy(ptr_ + offset, host, count * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+template <typename T>
+void DeviceArray<T>::download(T* host, size_t offset, size_t count) const {
+  if (offset > n_ || count > n_ - offset) {
+    throw std::out_of_range("DeviceArray::download: elements [" + std::to_string(offset) + ", " +
+                            std::to_string(offset + count) + ") of " + std::to_string(n_));
+  }
+  if (count > 0) CUDA_CHECK(cudaMemcpy(host, ptr_ + offset, count * sizeof(T), cudaMemcpyDeviceToHost));
+}
+
+template <typename T>
+void DeviceArray<T>::fill_bytes(unsigned char byte) {
+  if (n_ > 0) CUDA_CHECK(cudaMemset(ptr_, byte, n_ * sizeof(T)));
+}
+
 template class DeviceArray<float>;
 template class DeviceArray<double>;
 template class DeviceArray<uint8_t>;

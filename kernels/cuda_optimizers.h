@@ -31,6 +31,14 @@ class DeviceArray {
   size_t size() const { return n_; }
   void upload(const std::vector<T>& host);  // host.size() must equal size()
   std::vector<T> download() const;          // waits for the device
+  // Elements [offset, offset + count) from or to host memory (cudaMemcpy on the legacy default stream:
+  // work on a non-blocking stream must be synchronized first, and read the uploaded values only after
+  // synchronize()). Throws std::out_of_range past the end.
+  void upload(const T* host, size_t offset, size_t count);
+  void download(T* host, size_t offset, size_t count) const;
+  // Sets every byte to `byte` (0 zeroes any type; 127 is the 8-bit AdamW signed code's zero);
+  // asynchronous like cudaMemset, so synchronize() before work on another stream reads it.
+  void fill_bytes(unsigned char byte);
 
  private:
   T* ptr_ = nullptr;

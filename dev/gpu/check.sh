@@ -5,11 +5,13 @@
 #                CMake at the staged nlohmann_json and PCRE2 (and pkg-config, if the machine has none);
 #   2. build     configures and builds everything for the local GPU (CMakeLists.txt picks 'native' when
 #                nvidia-smi works);
-#   3. cuda      runs every CUDA test binary (tests/cuda/test_*): one row each, skips counted as warnings
+#   3. cuda      runs every CUDA test binary (tests/cuda/test_*, tests/train/test_cuda_*): one row each, skips
+#                counted as warnings
 #                since a GPU machine should skip nothing;
 #   4. bench     builds every dev/bench/*.cu with the nvcc command documented in its header (with our -o
 #                and -arch=native; a file without one is linked against the built libllm_cuda.a) and runs
-#                it; lines starting with "summary:" go into the table;
+#                it, then runs every dev/bench/*.sh (e.g. e2e_pretrain.sh, end-to-end tokens/s and MFU);
+#                lines starting with "summary:" go into the table;
 #   5. sanitize  compute-sanitizer memcheck and racecheck on each CUDA test binary, with a short filter;
 #   6. ctest     the whole ctest suite (CPU tests included), as time allows.
 # Every step runs even when an earlier one failed; the table at the end gives each step's status.
@@ -27,7 +29,7 @@
 #   CHECK_STEPS            which steps, comma-separated, in this fixed order: deps,build,cuda,bench,sanitize,ctest
 #                          (default all). E.g. a second call: CHECK_STEPS=deps,build,sanitize,ctest
 #   CHECK_TARGETS          space-separated CMake targets to build (default: all)
-#   CHECK_TESTS            space-separated CUDA test binary names to run/sanitize (default: all in tests/cuda)
+#   CHECK_TESTS            space-separated CUDA test binary names to run/sanitize (default: tests/cuda/*, tests/train/test_cuda_*)
 #   CHECK_SANITIZE_FILTER  gtest filter for the sanitizer runs (default '-*Large*')
 #   CHECK_BENCH_ARGS_<name>  arguments for benchmark <name> (e.g. CHECK_BENCH_ARGS_bench_attention="4 16 2048")
 set -uo pipefail
@@ -193,7 +195,8 @@ cuda_tests=()
 if [ -n "${CHECK_TESTS:-}" ]; then
   read -r -a cuda_tests <<<"$CHECK_TESTS"
 else
-  for src in tests/cuda/test_*.cu tests/cuda/test_*.cpp; do
+  # The kernel tests, and the backend and optimizer tests that need a GPU (they live in tests/train).
+  for src in tests/cuda/test_*.cu tests/cuda/test_*.cpp tests/train/test_cuda_*.cpp; do
     [ -e "$src" ] || continue
     name=$(basename "$src")
     cuda_tests+=("${name%.*}")
@@ -269,6 +272,25 @@ result += ["-arch=native", "-o", out]
 print(shlex.join(result))
 EOF
 }
+# bench_rows NAME RC T0 LOG: the table rows of one benchmark run, one per "summary:" line of its log (or
+# its last line when it printed none).
+bench_rows() {
+  local name=$1 rc=$2 t0=$3 log=$4 summary first line
+  summary=$(grep '^summary:' "$log" | sed 's/^summary: *//')
+  if [ -n "$summary" ]; then
+    first=1
+    while IFS= read -r line; do
+      if [ $first -eq 1 ]; then
+        add_row "bench $name" "$(status_of "$rc")" $(($(date +%s) - t0)) "$(echo "$line" | short 100)"
+        first=0
+      else
+        rows+=("  "$'\x1f'""$'\x1f'""$'\x1f'"$(echo "$line" | short 100)")
+      fi
+    done <<<"$summary"
+  else
+    add_row "bench $name" "$(status_of "$rc")" $(($(date +%s) - t0)) "$(grep -v '^[[:space:]]*$' "$log" | tail -1 | short 100)"
+  fi
+}
 if want bench; then
   mkdir -p "$build/bench"
   benches=(dev/bench/*.cu)
@@ -302,20 +324,22 @@ if want bench; then
     run "$tmp" 300 "$build/bench/$name" "${args[@]}"
     rc=$?
     { echo "=== $name: run"; cat "$tmp"; } >>"$logs/bench.log"
-    summary=$(grep '^summary:' "$tmp" | sed 's/^summary: *//')
-    if [ -n "$summary" ]; then
-      first=1
-      while IFS= read -r line; do
-        if [ $first -eq 1 ]; then
-          add_row "bench $name" "$(status_of $rc)" $(($(date +%s) - t0)) "$(echo "$line" | short 100)"
-          first=0
-        else
-          rows+=("  "$'\x1f'""$'\x1f'""$'\x1f'"$(echo "$line" | short 100)")
-        fi
-      done <<<"$summary"
-    else
-      add_row "bench $name" "$(status_of $rc)" $(($(date +%s) - t0)) "$(grep -v '^[[:space:]]*$' "$tmp" | tail -1 | short 100)"
-    fi
+    bench_rows "$name" "$rc" "$t0" "$tmp"
+  done
+  # Shell benchmarks (added for dev/bench/e2e_pretrain.sh, the end-to-end tokens/s and MFU of
+  # ./train_pretrain, which the build step above put at the repository root): each dev/bench/*.sh runs
+  # with bash from the repository root, one at a time, configured by its own environment variables
+  # (see its header, e.g. E2E_CONFIGS); its "summary:" lines join the table like the .cu benchmarks'.
+  for src in dev/bench/*.sh; do
+    [ -e "$src" ] || continue
+    name=$(basename "$src" .sh)
+    t0=$(date +%s)
+    tmp=$build/check-tmp/$name.run.log
+    : >"$tmp"
+    run "$tmp" 600 bash "$src"
+    rc=$?
+    { echo "=== $name: run"; cat "$tmp"; } >>"$logs/bench.log"
+    bench_rows "$name" "$rc" "$t0" "$tmp"
   done
 fi
 
