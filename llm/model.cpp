@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <stdexcept>
 
 #include "kernels/cpu/activations.h"
@@ -49,8 +50,13 @@ Model<T>::Model(const ModelConfig& config, const ModelOptions& options)
   lora_index_.assign(config_.n_layers, std::vector<int>(kTensorCount, -1));
   for (size_t i = 0; i < lora_modules_.size(); ++i)
     lora_index_[lora_modules_[i].layer][lora_modules_[i].tensor] = i;
-  params_.assign(layout_.total_elements(), T(0));
-  grads_.assign(layout_.trainable_elements(), T(0));
+  try {
+    params_.assign(layout_.total_elements(), T(0));
+    grads_.assign(layout_.trainable_elements(), T(0));
+  } catch (const std::bad_alloc&) {
+    throw std::runtime_error("out of memory allocating the parameters and gradients (" +
+                             memory_plan(0.0).describe() + "); use a smaller model, or LoRA");
+  }
 
   layer_names_.resize(config_.n_layers);
   for (int l = 0; l < config_.n_layers; ++l) {
@@ -69,7 +75,14 @@ Model<T>::Model(const ModelConfig& config, const ModelOptions& options)
     ref::sinusoidal_table(sinusoidal_.data(), max_pos, config_.d_model);
   }
   if (config_.positional_encoding == "alibi") alibi_ = ref::alibi_slopes(config_.n_heads);
-  plan_buffers();
+  try {
+    plan_buffers();
+  } catch (const std::bad_alloc&) {
+    throw std::runtime_error("out of memory allocating the activations for batch " +
+                             std::to_string(options_.max_batch) + " x " + std::to_string(options_.max_seq) +
+                             " (" + memory_plan(0.0).describe() +
+                             "); lower batch_size or the sequence length, or set recompute");
+  }
 }
 
 template <typename T>

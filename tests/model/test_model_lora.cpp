@@ -309,3 +309,25 @@ TEST(ModelLora, QloraForwardEqualsDequantisedForwardNoDoubleQuant) {
 }
 
 }  // namespace
+
+namespace {
+
+// A model far larger than any machine's memory is refused with a message, not a bare bad_alloc.
+TEST(ModelMemory, OutOfMemoryIsAClearError) {
+  ModelConfig c = tiny_config();
+  c.vocab_size = 2000000;
+  c.d_model = 262144;  // 2M x 256K embedding: 2 TB of fp32
+  c.n_heads = 2048;
+  c.n_kv_heads = 2048;
+  c.attention_type = "mha";
+  c.d_ff = 128;
+  try {
+    Model<float> model(c, ModelOptions(1, 2, false));
+    FAIL() << "expected an out-of-memory error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("out of memory allocating the parameters"), std::string::npos)
+        << e.what();
+  }
+}
+
+}  // namespace
