@@ -1,70 +1,16 @@
 // ./train_pretrain -c cfg.json [--resume PATH] [--max-steps N] [--no-optimizer-state] [--set key=value ...]
 #include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <vector>
+#include <exception>
 
-#include "train/checkpoint.h"
+#include "train/command_line.h"
 #include "train/trainer.h"
 
-namespace {
-
-void usage() {
-  std::fprintf(
-      stderr,
-      "usage: ./train_pretrain -c cfg.json [options]\n"
-      "  --resume PATH          continue from a checkpoint (model, optimizer, data position, step)\n"
-      "  --max-steps N          train to step N (e.g. longer than the config's max_steps on resume)\n"
-      "  --no-optimizer-state   resume with fresh optimizer state (needed to switch optimizers)\n"
-      "  --set key=value        override a config key (repeatable), e.g. --set lr=1e-3\n");
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  std::string config_path;
-  std::vector<std::string> overrides;
-  llm::RunOptions options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "error: %s needs a value\n", arg.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (arg == "-c" || arg == "--config") {
-      config_path = value();
-    } else if (arg == "--resume") {
-      options.resume_path = value();
-    } else if (arg == "--max-steps") {
-      const std::string text = value();
-      char* end = nullptr;
-      options.max_steps_override = std::strtoll(text.c_str(), &end, 10);
-      if (*end != '\0' || options.max_steps_override <= 0) {
-        std::fprintf(stderr, "error: --max-steps expects a positive integer, found \"%s\"\n", text.c_str());
-        return 2;
-      }
-    } else if (arg == "--no-optimizer-state") {
-      options.load_optimizer_state = false;
-    } else if (arg == "--set") {
-      overrides.push_back(value());
-    } else if (arg == "-h" || arg == "--help") {
-      usage();
-      return 0;
-    } else {
-      std::fprintf(stderr, "error: unknown argument %s\n", arg.c_str());
-      usage();
-      return 2;
-    }
-  }
-  if (config_path.empty()) {
-    usage();
-    return 2;
-  }
+  const llm::TrainCommandLine cl = llm::parse_train_command_line(argc, argv, "train_pretrain", false);
+  if (cl.exit_code >= 0) return cl.exit_code;
   try {
-    const llm::TrainConfig config = llm::load_train_config(config_path, overrides);
+    const llm::TrainConfig config = llm::load_train_config(cl.config_path, cl.overrides);
+    llm::RunOptions options = cl.run;
     if (!config.load_optimizer_state) options.load_optimizer_state = false;
     return llm::run_pretraining(config, options);
   } catch (const std::exception& e) {

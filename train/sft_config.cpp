@@ -22,31 +22,13 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
 
   KeyReader r(object, origin);
   r.get("base_model", s.base_model);
-  r.allow("model");
-  r.get("model_config", c.model_config_path);
-  bool have_model = false;
-  const bool inline_model = object.is_object() && object.contains("model");
-  if (!s.base_model.empty() && (inline_model || !c.model_config_path.empty())) {
+  const ModelKeys model = read_model_keys(r, object, origin, base_dir, c);
+  const bool have_model = model.valid;
+  if (!s.base_model.empty() && model.given) {
     r.problem("base_model",
-              "give either \"base_model\" (a model folder or checkpoint) or \"model\" / "
-              "\"model_config\" (random weights), not both");
-  } else if (inline_model) {
-    try {
-      c.model = model_config_from_json(object["model"], origin + ": model");
-      have_model = true;
-    } catch (const ConfigError& e) {
-      r.problems_add(std::string("in \"model\":\n") + e.what());
-    }
-  } else if (!c.model_config_path.empty()) {
-    std::string path = c.model_config_path;
-    if (path[0] != '/') path = base_dir + "/" + path;
-    try {
-      c.model = load_model_config(path);
-      have_model = true;
-    } catch (const ConfigError& e) {
-      r.problems_add(e.what());
-    }
-  } else if (s.base_model.empty()) {
+              "give either \"base_model\" (a model folder or checkpoint) or \"model\" / \"model_config\" "
+              "(random weights), not both");
+  } else if (s.base_model.empty() && !model.given) {
     r.problem("base_model",
               "missing: give the model to fine-tune (a Hugging Face folder or a checkpoint), or \"model\" "
               "for random weights");
@@ -98,7 +80,8 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
   if (r.problems().empty()) {
     check_training_keys(r, c);
     if (!(c.val_fraction >= 0.0 && c.val_fraction < 1.0)) r.problem("val_fraction", "must be in [0, 1)");
-    if (have_model && !s.max_length_given) s.data.max_length = std::min(s.data.max_length, c.model.max_seq_len);
+    if (have_model && !s.max_length_given)
+      s.data.max_length = std::min(s.data.max_length, c.model.max_seq_len);
     if (s.data.max_length < 2) r.problem("max_length", "must be at least 2");
     if (have_model && s.data.max_length > c.model.max_seq_len) {
       r.problem("max_length", "(" + std::to_string(s.data.max_length) +

@@ -79,21 +79,19 @@ void check_training_keys(KeyReader& r, const TrainConfig& c) {
   for (const auto& message : validate_optimizer_config(c.optimizer)) r.problems_add(message);
 }
 
-TrainConfig train_config_from_json(const json& object, const std::string& origin,
-                                   const std::string& base_dir) {
-  TrainConfig c;
-  c.source = object;
-  KeyReader r(object, origin);
-  // The model: inline, or a file of its own.
+ModelKeys read_model_keys(KeyReader& r, const json& object, const std::string& origin,
+                          const std::string& base_dir, TrainConfig& c) {
+  ModelKeys keys;
   r.allow("model");
   r.get("model_config", c.model_config_path);
-  bool have_model = false;
-  if (object.is_object() && object.contains("model")) {
+  const bool inline_model = object.is_object() && object.contains("model");
+  keys.given = inline_model || !c.model_config_path.empty();
+  if (inline_model) {
     if (!c.model_config_path.empty())
       r.problem("model", "give either \"model\" or \"model_config\", not both");
     try {
       c.model = model_config_from_json(object["model"], origin + ": model");
-      have_model = true;
+      keys.valid = true;
     } catch (const ConfigError& e) {
       r.problems_add(std::string("in \"model\":\n") + e.what());
     }
@@ -102,11 +100,22 @@ TrainConfig train_config_from_json(const json& object, const std::string& origin
     if (path[0] != '/') path = base_dir + "/" + path;
     try {
       c.model = load_model_config(path);
-      have_model = true;
+      keys.valid = true;
     } catch (const ConfigError& e) {
       r.problems_add(e.what());
     }
-  } else {
+  }
+  return keys;
+}
+
+TrainConfig train_config_from_json(const json& object, const std::string& origin,
+                                   const std::string& base_dir) {
+  TrainConfig c;
+  c.source = object;
+  KeyReader r(object, origin);
+  const ModelKeys model = read_model_keys(r, object, origin, base_dir, c);
+  const bool have_model = model.valid;
+  if (!model.given) {
     r.problem("model",
               "missing: give the architecture inline as \"model\": {...} or as \"model_config\": \"path\"");
   }

@@ -78,6 +78,13 @@ TrainConfig train_config_from_json(const json& object, const std::string& origin
 // The keys every training loop shares (optimisation, schedule, evaluation, logging, checkpoints,
 // samples, seed, device), read into `c` and checked; the SFT config (train/sft_config.h) uses them too.
 void read_training_keys(KeyReader& r, TrainConfig& c);
+// The model keys: "model" (inline) or "model_config" (a file; a relative path is taken from base_dir),
+// read into c.model. given: one of them was there; valid: the model was read without a problem.
+struct ModelKeys {
+  bool given = false, valid = false;
+};
+ModelKeys read_model_keys(KeyReader& r, const json& object, const std::string& origin,
+                          const std::string& base_dir, TrainConfig& c);
 void check_training_keys(KeyReader& r, const TrainConfig& c);
 
 }  // namespace llm
