@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -22,7 +23,9 @@
 #include "kernels/cuda_common.cuh"
 #include "kernels/dropout.cuh"
 #include "kernels/embedding.cuh"
+#include "kernels/lora.cuh"
 #include "kernels/matmul.cuh"
+#include "kernels/nf4.cuh"
 #include "kernels/norms.cuh"
 #include "kernels/nvtx.cuh"
 #include "kernels/philox.h"
@@ -189,6 +192,26 @@ class Carver {
   size_t offset_ = 0;
 };
 
+// w[j] = code[q_j] * absmax[j / blocksize] on the host: the expression of ref::nf4_dequantize (one fp32
+// product), with the same code table (nf4_code_table(), bit for bit kernels/cpu/nf4.h's kNf4Code).
+void nf4_dequantize_host(float* w, const uint8_t* packed, const float* absmax, size_t n, int blocksize) {
+  const float* code = nf4_code_table();
+  const size_t bs = static_cast<size_t>(blocksize);
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t byte = packed[j / 2];
+    const uint8_t q = (j % 2 == 0) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0xF);
+    w[j] = code[q] * absmax[j / bs];
+  }
+}
+
+// a and b hold the same values: equal as numbers, or with the same bits (NaN).
+bool same_values(const float* a, const float* b, size_t n) {
+  for (size_t j = 0; j < n; ++j) {
+    if (!(a[j] == b[j]) && std::memcmp(a + j, b + j, sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 // ---- the precision-independent interface of the implementation ------------------------------------------
@@ -203,6 +226,9 @@ struct CudaModel::Impl {
   virtual MemoryPlan memory_plan() const = 0;
   virtual void upload_parameters(const std::vector<float>& values) = 0;
   virtual std::vector<float> download_parameters() const = 0;
+  virtual void quantize_base_nf4(const Nf4HostQuantizer& quantize) = 0;
+  virtual bool nf4_quantized() const = 0;
+  virtual size_t device_offset(const std::string& name) const = 0;
   virtual std::vector<float> download_gradients() const = 0;
   virtual void upload_gradients(const std::vector<float>& values) = 0;
   virtual double forward(const int32_t* inputs, const int32_t* targets, int B, int T,
@@ -242,6 +268,14 @@ class ModelImpl final : public CudaModel::Impl {
   MemoryPlan memory_plan() const override;
   void upload_parameters(const std::vector<float>& values) override;
   std::vector<float> download_parameters() const override;
+  void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
+  bool nf4_quantized() const override { return nf4_ready_; }
+  size_t device_offset(const std::string& name) const override {
+    const size_t off = dev_offset_[tensor_index(layout.at(name))];
+    if (off == kNoOffset)
+      throw std::invalid_argument(name + " is stored in NF4: it has no fp32 master weights on the device");
+    return off;
+  }
   std::vector<float> download_gradients() const override;
   void upload_gradients(const std::vector<float>& values) override;
   double forward(const int32_t* inputs, const int32_t* targets, int B, int T_len, const int32_t* positions,
@@ -264,7 +298,8 @@ class ModelImpl final : public CudaModel::Impl {
   void* cuda_stream() override { return stream_; }
   void refresh_working_copy() override {
     if constexpr (kBf16) {
-      const size_t P = layout.total_elements();
+      const size_t P = dense_elements_;
+      if (P == 0) return;
       convert_kernel<<<blocks(P), kThreads, 0, stream_>>>(work_, master_, P);
       CUDA_CHECK_LAUNCH();
     }
@@ -272,6 +307,20 @@ class ModelImpl final : public CudaModel::Impl {
 
  private:
   static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+
+  // One NF4 base weight: its device pieces and the host copies that download_parameters dequantises.
+  struct Nf4Slot {
+    size_t tensor = 0;  // index in layout.tensors()
+    size_t n = 0, blocks = 0, blocks2 = 0;
+    uint8_t* packed = nullptr;         // device: (n + 1) / 2 bytes
+    uint8_t* qabsmax = nullptr;        // device, double quantisation: [blocks]
+    float* state2 = nullptr;           // device, double quantisation: [blocks2]
+    float* absmax = nullptr;           // device, without double quantisation: [blocks]
+    float offset = 0.0f;               // double quantisation: the mean
+    std::vector<uint8_t> host_packed;  // host copies once quantised (download_parameters dequantises them)
+    std::vector<float> host_absmax;    // (double-dequantised)
+    size_t pending = 0;                // offset of the values in nf4_pending_ before quantisation
+  };
 
   struct LayerBuffers {
     T *norm1_out, *q, *k, *v, *q_normed, *k_normed, *q_rot, *k_rot, *attn_out, *mid, *norm2_out, *gate, *up,
@@ -288,7 +337,14 @@ class ModelImpl final : public CudaModel::Impl {
   void backward_from_head();  // after the classifier has written d_norm_out
   void classifier(bool with_backward, double scale);
 
-  const T* param(const std::string& name) const { return work_ + layout.at(name).offset; }
+  static constexpr size_t kNoOffset = static_cast<size_t>(-1);
+  size_t tensor_index(const TensorInfo& t) const { return static_cast<size_t>(&t - layout.tensors().data()); }
+  // The working copy of a tensor that has one (every tensor but the NF4 ones).
+  const T* param(const std::string& name) const {
+    const size_t off = dev_offset_[tensor_index(layout.at(name))];
+    if (off == kNoOffset) throw std::logic_error("param: " + name + " is stored in NF4");
+    return work_ + off;
+  }
   float* grad(const std::string& name) {
     const TensorInfo& t = layout.at(name);
     return t.trainable ? grads_ + t.grad_offset : nullptr;
@@ -314,15 +370,24 @@ class ModelImpl final : public CudaModel::Impl {
                     const T* residual_in, const T* branch, int rows, int width);
   void norm_backward(const std::string& prefix, T* dx, const T* dout, const T* x, const float* mean,
                      const float* rstd, int rows, int width);
-  void linear_forward(const std::string& prefix, T* out, const T* x, int in, int out_features, bool bias);
-  void linear_backward(const std::string& prefix, T* dx, const T* dout, const T* x, int in, int out_features,
-                       bool bias, bool accumulate_dx);
+  // A decoder-layer linear (layer::Tensor `tensor` of layer l): the dense base (matmul) or the NF4 base,
+  // plus the LoRA adapter when the tensor has one. As llm::Model's layer_linear_forward/backward.
+  void layer_linear_forward(int l, int tensor, T* out, const T* x, int in, int out_features, bool bias);
+  void layer_linear_backward(int l, int tensor, T* dx, const T* dout, const T* x, int in, int out_features,
+                             bool bias, bool accumulate_dx);
+  // The absmax an NF4 slot computes with: its fp32 absmax, or (double quantisation) the absmax scratch
+  // after nf4_double_dequantize.
+  const float* nf4_absmax(const Nf4Slot& s);
+  float lora_dropout_p() const { return training ? static_cast<float>(options.lora.dropout) : 0.0f; }
 
   cudaStream_t stream_ = nullptr;
   std::vector<std::vector<std::string>> layer_names_;
   int Bmax_ = 0, Tmax_ = 0, chunk_rows_ = 0;
 
-  // Parameter, gradient and optimizer arenas.
+  // Parameter, gradient and optimizer arenas. The master and working arenas hold every tensor but the NF4
+  // ones, at dev_offset_ (the layout offsets when nothing is quantised).
+  std::vector<size_t> dev_offset_;  // per layout tensor; kNoOffset for an NF4 tensor
+  size_t dense_elements_ = 0;
   float* master_ = nullptr;
   T* work_ = nullptr;  // == master_ in fp32 mode
   float* grads_ = nullptr;
@@ -358,6 +423,29 @@ class ModelImpl final : public CudaModel::Impl {
   float *rope_cos_ = nullptr, *rope_sin_ = nullptr, *alibi_ = nullptr;
   T* sinusoidal_ = nullptr;
 
+  T* norm_discard_ = nullptr;  // where a frozen norm's weight gradient goes (the kernel always writes one)
+
+  // LoRA.
+  std::vector<LoraModule> lora_modules_;
+  std::vector<std::vector<int>> lora_index_;  // [layer][layer::Tensor] -> index into lora_modules_, or -1
+  float lora_scale_ = 0.0f;
+  int lora_max_in_ = 0;                          // widest adapter input (the x~ / dx~ scratch row)
+  size_t lora_h_stride_ = 0;                     // Nmax * r: each adapter's saved h
+  T* lora_h_ = nullptr;                          // activations: h of every adapter, every layer
+  T *lora_dh_ = nullptr, *lora_work_ = nullptr;  // scratch: dh [N, r]; x~ then dx~ [N, in] (dropout only)
+
+  // QLoRA: the NF4 base weights (one slot per tensor of nf4_quantized_tensors).
+  std::vector<Nf4Slot> nf4_;
+  std::vector<std::vector<int>> nf4_index_;  // [layer][layer::Tensor] -> index into nf4_, or -1
+  std::vector<int> nf4_of_tensor_;           // per layout tensor: index into nf4_, or -1
+  char* nf4_storage_ = nullptr;              // one device allocation for every slot's pieces
+  bool nf4_ready_ = false;                   // quantize_base_nf4 has run
+  std::vector<float> nf4_pending_;           // host values of the NF4 tensors until then
+  T* nf4_scratch_ = nullptr;                 // dequantised weight [O, I] of the largest NF4 matrix
+  size_t nf4_scratch_elems_ = 0;
+  float* nf4_absmax_scratch_ = nullptr;  // double quantisation: the layer's absmax
+  size_t nf4_max_blocks_ = 0;
+
   int B_ = 0, T_ = 0, target_count_ = 0;
   bool has_targets_ = false, has_doc_ids_ = false;
 };
@@ -371,6 +459,19 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   if (options.max_seq > config.max_seq_len) {
     throw std::invalid_argument("sequence length " + std::to_string(options.max_seq) +
                                 " exceeds max_seq_len " + std::to_string(config.max_seq_len));
+  }
+  if (options.quant.nf4 && !options.lora.enabled) {
+    throw ConfigError(
+        "NF4 quantisation (load_in_4bit) needs LoRA (use_lora: true): the quantised base weights are frozen");
+  }
+  if (options.quant.nf4 && options.quant.blocksize <= 0)
+    throw std::invalid_argument("NF4 blocksize must be positive");
+  // The layout of llm::Model: the base tensors, then every adapter's A and B (the base frozen).
+  if (options.lora.enabled) {
+    validate_lora_settings(options.lora);
+    lora_modules_ = ::llm::lora_modules(config, options.lora);
+    add_lora_tensors(layout, lora_modules_, options.lora.r);
+    lora_scale_ = options.lora.scale();
   }
   Bmax_ = options.max_batch;
   Tmax_ = options.max_seq;
@@ -390,14 +491,83 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   for (const auto& t : layout.tensors())
     if (t.trainable) trainable_.push_back(&t);
 
+  lora_index_.assign(config.n_layers, std::vector<int>(kTensorCount, -1));
+  for (size_t i = 0; i < lora_modules_.size(); ++i) {
+    const LoraModule& m = lora_modules_[i];
+    lora_index_[m.layer][m.tensor] = static_cast<int>(i);
+    lora_max_in_ = std::max(lora_max_in_, m.in_features);
+  }
+  lora_h_stride_ = lora_modules_.empty() ? 0 : Nmax * static_cast<size_t>(options.lora.r);
+
+  // NF4 slots, and the device offsets of everything else.
+  const size_t n_tensors = layout.tensors().size();
+  nf4_of_tensor_.assign(n_tensors, -1);
+  nf4_index_.assign(config.n_layers, std::vector<int>(kTensorCount, -1));
+  if (options.quant.nf4) {
+    const bool dq = options.quant.double_quant;
+    size_t pending = 0;
+    for (const std::string& nm : nf4_quantized_tensors(config)) {
+      const TensorInfo& t = layout.at(nm);
+      Nf4Slot slot;
+      slot.tensor = tensor_index(t);
+      slot.n = static_cast<size_t>(t.numel);
+      slot.blocks = nf4_blocks(slot.n, options.quant.blocksize);
+      slot.blocks2 = dq ? nf4_blocks(slot.blocks, kNf4NestedBlockSize) : 0;
+      slot.pending = pending;
+      pending += slot.n;
+      nf4_scratch_elems_ = std::max(nf4_scratch_elems_, slot.n);
+      if (dq) nf4_max_blocks_ = std::max(nf4_max_blocks_, slot.blocks);
+      nf4_of_tensor_[slot.tensor] = static_cast<int>(nf4_.size());
+      nf4_.push_back(std::move(slot));
+    }
+    nf4_pending_.assign(pending, 0.0f);
+    for (int l = 0; l < config.n_layers; ++l) {
+      for (int i = 0; i < kTensorCount; ++i) {
+        const std::string w = name(l, i) + ".weight";
+        if (layout.contains(w)) nf4_index_[l][i] = nf4_of_tensor_[tensor_index(layout.at(w))];
+      }
+    }
+  }
+  dev_offset_.assign(n_tensors, kNoOffset);
+  if (nf4_.empty()) {
+    for (size_t i = 0; i < n_tensors; ++i) dev_offset_[i] = layout.tensors()[i].offset;
+    dense_elements_ = layout.total_elements();
+  } else {
+    for (size_t i = 0; i < n_tensors; ++i) {
+      if (nf4_of_tensor_[i] >= 0) continue;
+      dev_offset_[i] = dense_elements_;
+      dense_elements_ += static_cast<size_t>(layout.tensors()[i].numel);
+    }
+  }
+
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  const size_t P = layout.total_elements(), G = layout.trainable_elements();
+  const size_t P = dense_elements_, G = layout.trainable_elements();
   master_ = static_cast<float*>(
       device_alloc(P * sizeof(float), "fp32 master weights", "use a smaller model or another GPU"));
   if constexpr (kBf16) {
     work_ = static_cast<T*>(device_alloc(P * sizeof(T), "bf16 working weights", "use a smaller model"));
   } else {
     work_ = master_;
+  }
+  if (!nf4_.empty()) {
+    // Every slot's codes and absmax (or qabsmax and state2) carved from one allocation.
+    auto carve = [this](char* base) {
+      Carver k(base);
+      for (Nf4Slot& slot : nf4_) {
+        slot.packed = k.take<uint8_t>(nf4_packed_bytes(slot.n));
+        if (options.quant.double_quant) {
+          slot.qabsmax = k.take<uint8_t>(slot.blocks);
+          slot.state2 = k.take<float>(slot.blocks2);
+        } else {
+          slot.absmax = k.take<float>(slot.blocks);
+        }
+      }
+      return k.bytes();
+    };
+    const size_t nf4_bytes = carve(nullptr);
+    nf4_storage_ = static_cast<char*>(device_alloc(nf4_bytes, "NF4 base weights", "use a smaller model"));
+    carve(nf4_storage_);
+    CUDA_CHECK(cudaMemsetAsync(nf4_storage_, 0, nf4_bytes, stream_));
   }
   grads_ = static_cast<float*>(
       device_alloc(G * sizeof(float), "fp32 gradients", "use a smaller model or freeze tensors (LoRA)"));
@@ -409,6 +579,8 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
       device_alloc(bytes, "activation arena", "lower batch_size or seq_len, or set \"recompute\": true"));
   arena_bytes_ = bytes;
   plan(arena_, &bytes);
+  CUDA_CHECK(cudaMemsetAsync(norm_discard_, 0,
+                             std::max(config.d_model, config.resolved_head_dim()) * sizeof(T), stream_));
 
   // Fixed tables.
   const int maxT = config.max_seq_len;
@@ -433,6 +605,7 @@ ModelImpl<T>::~ModelImpl() {
   cudaFree(grads_);
   if (static_cast<void*>(work_) != static_cast<void*>(master_)) cudaFree(work_);
   cudaFree(master_);
+  cudaFree(nf4_storage_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
@@ -475,6 +648,7 @@ void ModelImpl<T>::plan(char* base, size_t* bytes) {
     b.up = k.take<T>(ls.up);
     b.act = k.take<T>(ls.act);
   }
+  lora_h_ = k.take<T>(lora_modules_.size() * lora_h_stride_);
   final_norm_out_ = k.take<T>(gs.final_norm_out);
   final_mean_ = k.take<float>(N);
   final_rstd_ = k.take<float>(N);
@@ -507,18 +681,30 @@ void ModelImpl<T>::plan(char* base, size_t* bytes) {
                   norm_backward_scratch_floats(static_cast<int>(N) * c.n_kv_heads, D)});
   }
   norm_scratch_ = k.take<float>(norm_scratch_floats_);
-  embed_scratch_bytes_ = embedding_backward_scratch_bytes(static_cast<int>(N), V);
-  if (c.positional_encoding == "learned")
+  // The embedding gradients' scratch, only for embeddings that train (LoRA freezes them).
+  const bool embed_trains = layout.at("model.embed_tokens.weight").trainable;
+  const bool positions_train =
+      c.positional_encoding == "learned" && layout.at("model.embed_positions.weight").trainable;
+  embed_scratch_bytes_ = embed_trains ? embedding_backward_scratch_bytes(static_cast<int>(N), V) : 0;
+  if (positions_train)
     embed_scratch_bytes_ = std::max(
         embed_scratch_bytes_, position_embedding_backward_scratch_bytes(static_cast<int>(N), c.max_seq_len));
   embed_scratch_ = k.take<char>(embed_scratch_bytes_);
   if constexpr (kBf16) {
-    // The largest tensor a T-writing kernel produces a gradient for: the token embedding (or positions).
-    grad_tmp_elems_ = static_cast<size_t>(V) * C;
-    if (c.positional_encoding == "learned")
-      grad_tmp_elems_ = std::max(grad_tmp_elems_, static_cast<size_t>(c.max_seq_len) * C);
+    // The largest tensor a T-writing kernel produces a gradient for: the token embedding (or positions)
+    // when it trains, else a norm's weight and bias (2 x width).
+    grad_tmp_elems_ = 2 * static_cast<size_t>(std::max(C, D));
+    if (embed_trains) grad_tmp_elems_ = std::max(grad_tmp_elems_, static_cast<size_t>(V) * C);
+    if (positions_train) grad_tmp_elems_ = std::max(grad_tmp_elems_, static_cast<size_t>(c.max_seq_len) * C);
     grad_tmp_ = k.take<T>(grad_tmp_elems_);
   }
+  norm_discard_ = k.take<T>(static_cast<size_t>(std::max(C, D)));
+  if (!lora_modules_.empty()) {
+    lora_dh_ = k.take<T>(N * static_cast<size_t>(options.lora.r));
+    if (options.lora.dropout > 0.0) lora_work_ = k.take<T>(N * static_cast<size_t>(lora_max_in_));
+  }
+  nf4_scratch_ = k.take<T>(nf4_scratch_elems_);
+  nf4_absmax_scratch_ = k.take<float>(nf4_max_blocks_);
   norm_partials_doubles_ = grad_norm_scratch_doubles(std::max<size_t>(layout.trainable_elements(), 1));
   norm_partials_ = k.take<double>(norm_partials_doubles_);
   norm_out_ = k.take<float>(1);
@@ -540,12 +726,20 @@ void ModelImpl<T>::plan(char* base, size_t* bytes) {
 template <typename T>
 MemoryPlan ModelImpl<T>::memory_plan() const {
   MemoryPlan p;
-  const size_t P = layout.total_elements(), G = layout.trainable_elements();
+  const size_t P = dense_elements_, G = layout.trainable_elements();
   p.parameters = P * sizeof(float) + (kBf16 ? P * sizeof(T) : 0);
   p.gradients = G * sizeof(float);
   p.optimizer_state = adam_m_ ? 2 * G * sizeof(float) : 0;
   p.activations = activation_bytes_;
   p.scratch = arena_bytes_ - activation_bytes_;
+  // NF4, counted as llm::Model::memory_plan counts it: per tensor of n values n/2 code bytes, and per block
+  // an fp32 absmax, or with double quantisation an 8-bit code plus an fp32 scale per 256 blocks and one
+  // fp32 offset (the device pieces' 256-byte alignment is left out).
+  for (const Nf4Slot& s : nf4_) {
+    p.nf4_params += s.n;
+    p.nf4_base += nf4_packed_bytes(s.n);
+    p.nf4_base += options.quant.double_quant ? s.blocks + 4 * s.blocks2 + 4 : 4 * s.blocks;
+  }
   return p;
 }
 
@@ -556,7 +750,42 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
     throw std::invalid_argument("parameter count " + std::to_string(values.size()) +
                                 " does not match the model's " + std::to_string(P));
   }
-  CUDA_CHECK(cudaMemcpyAsync(master_, values.data(), P * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  if (nf4_.empty()) {
+    CUDA_CHECK(cudaMemcpyAsync(master_, values.data(), P * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    refresh_working_copy();
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return;
+  }
+  // NF4 tensors: before quantisation their values wait on the host; afterwards the codes stay, and only
+  // the current dequantised values are accepted (checked before anything changes).
+  if (nf4_ready_) {
+    std::vector<float> current;
+    for (const Nf4Slot& s : nf4_) {
+      const TensorInfo& t = layout.tensors()[s.tensor];
+      current.resize(s.n);
+      nf4_dequantize_host(current.data(), s.host_packed.data(), s.host_absmax.data(), s.n,
+                          options.quant.blocksize);
+      if (!same_values(current.data(), values.data() + t.offset, s.n)) {
+        throw std::invalid_argument(
+            "upload_parameters: " + t.name +
+            " is stored in NF4 and the values differ from its dequantised ones; base weights must be "
+            "uploaded before quantize_base_nf4()");
+      }
+    }
+  }
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    const TensorInfo& t = layout.tensors()[i];
+    const size_t n = static_cast<size_t>(t.numel);
+    if (nf4_of_tensor_[i] >= 0) {
+      if (!nf4_ready_) {
+        const Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
+        std::copy(values.begin() + t.offset, values.begin() + t.offset + n, nf4_pending_.begin() + s.pending);
+      }
+      continue;
+    }
+    CUDA_CHECK(cudaMemcpyAsync(master_ + dev_offset_[i], values.data() + t.offset, n * sizeof(float),
+                               cudaMemcpyHostToDevice, stream_));
+  }
   refresh_working_copy();
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -564,10 +793,81 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
 template <typename T>
 std::vector<float> ModelImpl<T>::download_parameters() const {
   std::vector<float> out(layout.total_elements());
-  CUDA_CHECK(
-      cudaMemcpyAsync(out.data(), master_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  if (nf4_.empty()) {
+    CUDA_CHECK(
+        cudaMemcpyAsync(out.data(), master_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return out;
+  }
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    if (nf4_of_tensor_[i] >= 0) continue;
+    const TensorInfo& t = layout.tensors()[i];
+    CUDA_CHECK(cudaMemcpyAsync(out.data() + t.offset, master_ + dev_offset_[i],
+                               static_cast<size_t>(t.numel) * sizeof(float), cudaMemcpyDeviceToHost,
+                               stream_));
+  }
+  // The NF4 tensors: their dequantised values (bit for bit the CPU model's), or the values waiting for
+  // quantisation.
+  for (const Nf4Slot& s : nf4_) {
+    float* dst = out.data() + layout.tensors()[s.tensor].offset;
+    if (nf4_ready_) {
+      nf4_dequantize_host(dst, s.host_packed.data(), s.host_absmax.data(), s.n, options.quant.blocksize);
+    } else {
+      std::copy(nf4_pending_.begin() + s.pending, nf4_pending_.begin() + s.pending + s.n, dst);
+    }
+  }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   return out;
+}
+
+template <typename T>
+void ModelImpl<T>::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
+  if (!options.quant.nf4) throw std::logic_error("quantize_base_nf4: the model was not built with quant.nf4");
+  if (!quantize) throw std::invalid_argument("quantize_base_nf4: no quantiser");
+  const bool dq = options.quant.double_quant;
+  const int bs = options.quant.blocksize;
+  // Quantise everything on the host first (the current values: waiting ones, or the dequantised ones),
+  // check the shapes, then upload.
+  std::vector<Nf4HostWeights> q(nf4_.size());
+  std::vector<float> w;
+  for (size_t i = 0; i < nf4_.size(); ++i) {
+    const Nf4Slot& s = nf4_[i];
+    w.resize(s.n);
+    if (nf4_ready_) {
+      nf4_dequantize_host(w.data(), s.host_packed.data(), s.host_absmax.data(), s.n, bs);
+    } else {
+      std::copy(nf4_pending_.begin() + s.pending, nf4_pending_.begin() + s.pending + s.n, w.begin());
+    }
+    q[i] = quantize(w.data(), s.n, options.quant);
+    const std::string& name = layout.tensors()[s.tensor].name;
+    if (q[i].packed.size() != nf4_packed_bytes(s.n) || q[i].absmax.size() != s.blocks ||
+        (dq && (q[i].qabsmax.size() != s.blocks || q[i].state2.size() != s.blocks2))) {
+      throw std::invalid_argument("quantize_base_nf4: the quantiser returned misshapen NF4 data for " + name);
+    }
+  }
+  for (size_t i = 0; i < nf4_.size(); ++i) {
+    Nf4Slot& s = nf4_[i];
+    Nf4HostWeights& h = q[i];
+    CUDA_CHECK(cudaMemcpyAsync(s.packed, h.packed.data(), h.packed.size(), cudaMemcpyHostToDevice, stream_));
+    if (dq) {
+      CUDA_CHECK(
+          cudaMemcpyAsync(s.qabsmax, h.qabsmax.data(), h.qabsmax.size(), cudaMemcpyHostToDevice, stream_));
+      CUDA_CHECK(cudaMemcpyAsync(s.state2, h.state2.data(), h.state2.size() * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+      s.offset = h.offset;
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(s.absmax, h.absmax.data(), h.absmax.size() * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+    }
+  }
+  // Wait for the copies before the host buffers move or go.
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (size_t i = 0; i < nf4_.size(); ++i) {
+    nf4_[i].host_packed = std::move(q[i].packed);
+    nf4_[i].host_absmax = std::move(q[i].absmax);
+  }
+  nf4_ready_ = true;
+  std::vector<float>().swap(nf4_pending_);
 }
 
 template <typename T>
@@ -640,8 +940,9 @@ void ModelImpl<T>::adamw_step(double lr, int64_t step) {
   for (size_t t = 0; t < trainable_.size(); ++t) {
     const TensorInfo& info = *trainable_[t];
     const size_t n = static_cast<size_t>(info.numel);
-    T* working = kBf16 ? work_ + info.offset : nullptr;  // fp32 mode: the master copy is the working copy
-    adamw_update(working, master_ + info.offset, adam_m_ + info.grad_offset, adam_v_ + info.grad_offset,
+    const size_t off = dev_offset_[tensor_index(info)];  // trainable tensors are never NF4
+    T* working = kBf16 ? work_ + off : nullptr;          // fp32 mode: the master copy is the working copy
+    adamw_update(working, master_ + off, adam_m_ + info.grad_offset, adam_v_ + info.grad_offset,
                  grads_ + info.grad_offset, static_cast<const float*>(nullptr), n,
                  static_cast<float>(lr * adam_.lr_scale[t]), static_cast<float>(adam_.beta1),
                  static_cast<float>(adam_.beta2), static_cast<float>(adam_.eps),
@@ -726,6 +1027,9 @@ void ModelImpl<T>::norm_backward(const std::string& prefix, T* dx, const T* dout
     tw = gw;
     tb = gb;
   }
+  // A frozen norm weight (LoRA): the kernels always write a weight gradient, so it goes to a discard
+  // buffer (a frozen bias's is simply skipped).
+  if (tw == nullptr) tw = norm_discard_;
   if (layernorm) {
     residual_layernorm_backward(dx, tw, tb, norm_scratch_, norm_scratch_floats_, dout, x, mean, rstd,
                                 param(prefix + ".weight"), rows, width, stream_);
@@ -746,18 +1050,66 @@ void ModelImpl<T>::norm_backward(const std::string& prefix, T* dx, const T* dout
 }
 
 template <typename T>
-void ModelImpl<T>::linear_forward(const std::string& prefix, T* out, const T* x, int in, int out_features,
-                                  bool bias) {
-  matmul_forward(out, x, param(prefix + ".weight"),
-                 bias ? param(prefix + ".bias") : static_cast<const T*>(nullptr), B_ * T_, in, out_features,
-                 stream_);
+const float* ModelImpl<T>::nf4_absmax(const Nf4Slot& s) {
+  if (!options.quant.double_quant) return s.absmax;
+  // absmax = dyn[qabsmax] * state2 + offset, bit for bit ref::nf4_double_dequantize (a few KB per layer).
+  nf4_double_dequantize(nf4_absmax_scratch_, s.qabsmax, s.state2, s.offset, s.blocks, kNf4NestedBlockSize,
+                        stream_);
+  return nf4_absmax_scratch_;
 }
 
+// The base layer, then the adapter's s h B^T added on top (ref::lora_forward computes the same sum).
 template <typename T>
-void ModelImpl<T>::linear_backward(const std::string& prefix, T* dx, const T* dout, const T* x, int in,
-                                   int out_features, bool bias, bool accumulate_dx) {
-  matmul_backward<T, float>(dx, grad(prefix + ".weight"), bias ? grad(prefix + ".bias") : nullptr, dout, x,
-                            param(prefix + ".weight"), B_ * T_, in, out_features, accumulate_dx, stream_);
+void ModelImpl<T>::layer_linear_forward(int l, int tensor, T* out, const T* x, int in, int out_features,
+                                        bool bias) {
+  const std::string& prefix = name(l, tensor);
+  const int N = B_ * T_;
+  const T* b = bias ? param(prefix + ".bias") : static_cast<const T*>(nullptr);
+  const int slot = nf4_index_[l][tensor];
+  if (slot >= 0) {
+    const Nf4Slot& s = nf4_[slot];
+    nf4_linear_forward<T>(out, nf4_scratch_, x, s.packed, nf4_absmax(s), b, N, in, out_features,
+                          options.quant.blocksize, stream_);
+  } else {
+    matmul_forward(out, x, param(prefix + ".weight"), b, N, in, out_features, stream_);
+  }
+  const int m = lora_index_[l][tensor];
+  if (m < 0) return;
+  const LoraModule& mod = lora_modules_[m];
+  const float p = lora_dropout_p();
+  lora_forward<T>(out, lora_h_ + static_cast<size_t>(m) * lora_h_stride_, p > 0.0f ? lora_work_ : nullptr, x,
+                  param(mod.a_name()), param(mod.b_name()), N, in, out_features, options.lora.r, lora_scale_,
+                  p, dropout_seed, lora_dropout_stream(dropout_counter, config.n_layers, l, tensor), stream_);
+}
+
+// dx = G W (= or += per accumulate_dx) from the base, with W's and b's gradients only where they train (a
+// LoRA base is frozen: none); then the adapter adds its part of dx and accumulates dA and dB.
+template <typename T>
+void ModelImpl<T>::layer_linear_backward(int l, int tensor, T* dx, const T* dout, const T* x, int in,
+                                         int out_features, bool bias, bool accumulate_dx) {
+  const std::string& prefix = name(l, tensor);
+  const int N = B_ * T_;
+  float* gb = bias ? grad(prefix + ".bias") : nullptr;
+  const int slot = nf4_index_[l][tensor];
+  if (slot >= 0) {
+    const Nf4Slot& s = nf4_[slot];
+    nf4_linear_backward_input<T>(dx, nf4_scratch_, dout, s.packed, nf4_absmax(s), N, in, out_features,
+                                 options.quant.blocksize, accumulate_dx, stream_);
+    if (gb != nullptr) column_sum_accumulate<T, float>(gb, dout, N, out_features, stream_);
+  } else {
+    matmul_backward<T, float>(dx, grad(prefix + ".weight"), gb, dout, x, param(prefix + ".weight"), N, in,
+                              out_features, accumulate_dx, stream_);
+  }
+  const int m = lora_index_[l][tensor];
+  if (m < 0) return;
+  const LoraModule& mod = lora_modules_[m];
+  const float p = lora_dropout_p();
+  lora_backward<T, float>(dx, grad(mod.a_name()), grad(mod.b_name()), lora_dh_,
+                          p > 0.0f ? lora_work_ : nullptr, dout, x,
+                          lora_h_ + static_cast<size_t>(m) * lora_h_stride_, param(mod.a_name()),
+                          param(mod.b_name()), N, in, out_features, options.lora.r, lora_scale_, p,
+                          dropout_seed, lora_dropout_stream(dropout_counter, config.n_layers, l, tensor),
+                          /*accumulate_dx=*/true, stream_);
 }
 
 template <typename T>
@@ -829,6 +1181,11 @@ void ModelImpl<T>::upload_batch(const int32_t* inputs, const int32_t* targets, i
 
 template <typename T>
 void ModelImpl<T>::forward_layers() {
+  if (!nf4_.empty() && !nf4_ready_) {
+    throw std::logic_error(
+        "the NF4 base weights are not quantised yet: call quantize_base_nf4() after uploading the base "
+        "weights");
+  }
   const int N = B_ * T_, C = config.d_model, V = config.vocab_size;
   {
     NvtxRange range("embedding");
@@ -862,9 +1219,9 @@ void ModelImpl<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
   const size_t NC = static_cast<size_t>(N) * C, NF = static_cast<size_t>(N) * F;
 
   norm_forward(name(l, kNorm1), nullptr, b.norm1_out, b.norm1_mean, b.norm1_rstd, x, nullptr, N, C);
-  linear_forward(name(l, kQ), b.q, b.norm1_out, C, Q, c.attention_bias);
-  linear_forward(name(l, kK), b.k, b.norm1_out, C, K, c.attention_bias);
-  linear_forward(name(l, kV), b.v, b.norm1_out, C, K, c.attention_bias);
+  layer_linear_forward(l, kQ, b.q, b.norm1_out, C, Q, c.attention_bias);
+  layer_linear_forward(l, kK, b.k, b.norm1_out, C, K, c.attention_bias);
+  layer_linear_forward(l, kV, b.v, b.norm1_out, C, K, c.attention_bias);
   const T* q = b.q;
   const T* k = b.k;
   const float eps = static_cast<float>(c.norm_eps);
@@ -892,20 +1249,20 @@ void ModelImpl<T>::layer_forward(int l, const T* x, T* out, LayerBuffers& b) {
     attention_simple_forward(b.attn_out, b.probs_or_lse, q, k, b.v, shape, opt, stream_);
   }
 
-  linear_forward(name(l, kO), branch_, b.attn_out, Q, C, false);
+  layer_linear_forward(l, kO, branch_, b.attn_out, Q, C, false);
   if (p > 0)
     dropout_forward(branch_, branch_, NC, p, dropout_seed, dropout_stream(l, kAttentionOutput), stream_);
   // mid = x + branch, then norm2(mid), in one kernel.
   norm_forward(name(l, kNorm2), b.mid, b.norm2_out, b.norm2_mean, b.norm2_rstd, x, branch_, N, C);
 
-  linear_forward(name(l, kUp), b.up, b.norm2_out, C, F, false);
+  layer_linear_forward(l, kUp, b.up, b.norm2_out, C, F, false);
   if (c.gated_mlp()) {
-    linear_forward(name(l, kGate), b.gate, b.norm2_out, C, F, false);
+    layer_linear_forward(l, kGate, b.gate, b.norm2_out, C, F, false);
     swiglu_forward(b.act, b.gate, b.up, NF, stream_);
   } else {
     activation_forward(b.act, b.up, NF, activation_kind(c), static_cast<float>(c.leaky_relu_slope), stream_);
   }
-  linear_forward(name(l, kDown), branch_, b.act, F, C, false);
+  layer_linear_forward(l, kDown, branch_, b.act, F, C, false);
   if (p > 0) dropout_forward(branch_, branch_, NC, p, dropout_seed, dropout_stream(l, kMlpOutput), stream_);
   residual_add_kernel<<<blocks(NC), kThreads, 0, stream_>>>(out, b.mid, branch_, NC);
   CUDA_CHECK_LAUNCH();
@@ -1004,15 +1361,15 @@ void ModelImpl<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     dropout_backward(d_branch_, d_res, NC, p, dropout_seed, dropout_stream(l, kMlpOutput), stream_);
     d_branch = d_branch_;
   }
-  linear_backward(name(l, kDown), d_act_, d_branch, b.act, F, C, false, false);
+  layer_linear_backward(l, kDown, d_act_, d_branch, b.act, F, C, false, false);
   if (c.gated_mlp()) {
     swiglu_backward(d_gate_, d_up_, d_act_, b.gate, b.up, NF, stream_);
-    linear_backward(name(l, kGate), d_norm_out_, d_gate_, b.norm2_out, C, F, false, false);
-    linear_backward(name(l, kUp), d_norm_out_, d_up_, b.norm2_out, C, F, false, true);
+    layer_linear_backward(l, kGate, d_norm_out_, d_gate_, b.norm2_out, C, F, false, false);
+    layer_linear_backward(l, kUp, d_norm_out_, d_up_, b.norm2_out, C, F, false, true);
   } else {
     activation_backward(d_up_, d_act_, b.up, NF, activation_kind(c), static_cast<float>(c.leaky_relu_slope),
                         stream_);
-    linear_backward(name(l, kUp), d_norm_out_, d_up_, b.norm2_out, C, F, false, false);
+    layer_linear_backward(l, kUp, d_norm_out_, d_up_, b.norm2_out, C, F, false, false);
   }
   norm_backward(name(l, kNorm2), d_res, d_norm_out_, b.mid, b.norm2_mean, b.norm2_rstd, N, C);
 
@@ -1022,7 +1379,7 @@ void ModelImpl<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     dropout_backward(d_branch_, d_res, NC, p, dropout_seed, dropout_stream(l, kAttentionOutput), stream_);
     d_branch = d_branch_;
   }
-  linear_backward(name(l, kO), d_attn_out_, d_branch, b.attn_out, Q, C, false, false);
+  layer_linear_backward(l, kO, d_attn_out_, d_branch, b.attn_out, Q, C, false, false);
   const T* q = c.uses_rope() ? b.q_rot : (c.qk_norm ? b.q_normed : b.q);
   const T* k = c.uses_rope() ? b.k_rot : (c.qk_norm ? b.k_normed : b.k);
   const AttentionShape shape{B_, T_, c.n_heads, c.n_kv_heads, D};
@@ -1046,19 +1403,21 @@ void ModelImpl<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     CUDA_CHECK(cudaMemsetAsync(d_k_pre_, 0, static_cast<size_t>(N) * K * sizeof(T), stream_));
     const std::string qn = name(l, kQNorm) + ".weight", kn = name(l, kKNorm) + ".weight";
     float* gq = grad(qn);
-    residual_rmsnorm_backward(d_q_pre_, param_grad_target(gq, D), norm_scratch_, norm_scratch_floats_, d_q_,
-                              b.q, b.q_rstd, param(qn), N * c.n_heads, D, stream_);
+    T* tq = gq ? param_grad_target(gq, D) : norm_discard_;  // frozen (LoRA): discarded
+    residual_rmsnorm_backward(d_q_pre_, tq, norm_scratch_, norm_scratch_floats_, d_q_, b.q, b.q_rstd,
+                              param(qn), N * c.n_heads, D, stream_);
     finish_param_grad(gq, D);
     float* gk = grad(kn);
-    residual_rmsnorm_backward(d_k_pre_, param_grad_target(gk, D), norm_scratch_, norm_scratch_floats_, d_k_,
-                              b.k, b.k_rstd, param(kn), N * c.n_kv_heads, D, stream_);
+    T* tk = gk ? param_grad_target(gk, D) : norm_discard_;
+    residual_rmsnorm_backward(d_k_pre_, tk, norm_scratch_, norm_scratch_floats_, d_k_, b.k, b.k_rstd,
+                              param(kn), N * c.n_kv_heads, D, stream_);
     finish_param_grad(gk, D);
     d_q = d_q_pre_;
     d_k = d_k_pre_;
   }
-  linear_backward(name(l, kQ), d_norm_out_, d_q, b.norm1_out, C, Q, c.attention_bias, false);
-  linear_backward(name(l, kK), d_norm_out_, d_k, b.norm1_out, C, K, c.attention_bias, true);
-  linear_backward(name(l, kV), d_norm_out_, d_v_, b.norm1_out, C, K, c.attention_bias, true);
+  layer_linear_backward(l, kQ, d_norm_out_, d_q, b.norm1_out, C, Q, c.attention_bias, false);
+  layer_linear_backward(l, kK, d_norm_out_, d_k, b.norm1_out, C, K, c.attention_bias, true);
+  layer_linear_backward(l, kV, d_norm_out_, d_v_, b.norm1_out, C, K, c.attention_bias, true);
   norm_backward(name(l, kNorm1), d_res, d_norm_out_, x, b.norm1_mean, b.norm1_rstd, N, C);
 }
 
@@ -1164,6 +1523,15 @@ void CudaModel::upload_parameters(const std::vector<float>& values) {
 }
 std::vector<float> CudaModel::download_parameters() const {
   return impl_->download_parameters();
+}
+void CudaModel::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
+  impl_->quantize_base_nf4(quantize);
+}
+bool CudaModel::nf4_quantized() const {
+  return impl_->nf4_quantized();
+}
+size_t CudaModel::device_offset(const std::string& name) const {
+  return impl_->device_offset(name);
 }
 std::vector<float> CudaModel::download_gradients() const {
   return impl_->download_gradients();

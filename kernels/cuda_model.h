@@ -13,15 +13,41 @@
 //
 // Attention path: the flash kernels when head_dim is 64 or 128, else the simple kernels (which save
 // the fp32 probabilities, as the CPU reference does).
+//
+// LoRA (options.lora.enabled). The layout is built exactly as llm::Model builds it: ParameterLayout(config),
+// then add_lora_tensors(layout, lora_modules(config, lora), lora.r), which appends every adapter's
+// P.lora_A.weight [r, in] and P.lora_B.weight [out, r] after the base tensors and freezes the base. So host
+// parameter vectors (upload/download, checkpoints) are interchangeable with the CPU backend's. An adapted
+// linear layer runs the frozen base (matmul_forward, or the NF4 layer below) and then cuda::lora_forward,
+// which adds s h B^T (kernels/lora.cuh); backward runs the base's input gradient only (no dW, no db: frozen)
+// and then cuda::lora_backward, which adds the adapter's part of dx and accumulates dA and dB into the fp32
+// gradient arena. Each adapter's h = dropout(x) A^T ([N, r]) is saved in the activation arena for every
+// layer (also with recompute, where re-running the layer rewrites the same values); the dropped input x~
+// is never saved: lora_backward draws the same Philox mask again (stream
+// layer::lora_dropout_stream(counter, n_layers, layer, tensor), training mode only, as the CPU model).
+//
+// QLoRA (options.quant.nf4, needs LoRA). Every tensor of nf4_quantized_tensors(config) (the decoder
+// layers' linear weights) exists on the device only in NF4: packed codes (n/2 bytes) and, with double
+// quantisation, the 8-bit absmax codes plus one fp32 scale per 256 blocks (bitsandbytes' layout; about
+// 0.516 bytes per weight), else the fp32 absmax (0.5625). Those weights have no fp32 master and no bf16
+// working copy: the master/working arenas hold the other tensors only, at "device offsets"
+// (device_offset(name); equal to the layout offsets when nothing is quantised). A quantised layer
+// dequantises its absmax (double quantisation: nf4_double_dequantize, each call; a few KB) and then its
+// weight into one scratch buffer of T sized for the largest quantised matrix, shared by all layers, and
+// runs the cuBLASLt GEMM (nf4_linear_forward / nf4_linear_backward_input, kernels/nf4.cuh).
+// The quantisation itself is the CPU reference's, on the host (see quantize_base_nf4), so the codes and the
+// dequantised values are bit for bit those of llm::Model::quantize_base_nf4.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "llm/config.h"
+#include "llm/lora.h"
 #include "llm/memory_plan.h"
 #include "llm/params.h"
 
@@ -38,7 +64,22 @@ struct CudaModelOptions {
   bool recompute = false;  // keep only each layer's input; re-run the layer's forward in backward
   Precision precision = Precision::kBf16;
   int classifier_chunk_rows = 0;  // 0: chosen from the vocabulary size (about 64 MB of logits per chunk)
+  LoraSettings lora;              // adapters on a frozen base (llm/lora.h), as llm::ModelOptions::lora
+  QuantSettings quant;  // QLoRA: the base's decoder-layer linear weights in NF4 (needs lora.enabled)
 };
+
+// One weight in NF4 as the host reference computes it (kernels/cpu/nf4.h; the fields of
+// llm::Model::Nf4Tensor): what a quantiser hands to CudaModel::quantize_base_nf4.
+struct Nf4HostWeights {
+  std::vector<uint8_t> packed;   // (n + 1) / 2 bytes, two codes per byte, high nibble first
+  std::vector<float> absmax;     // one per block, double-dequantised when double quantised (what the
+                                 // layer computes with)
+  std::vector<uint8_t> qabsmax;  // double quantisation: the 8-bit absmax codes ...
+  std::vector<float> state2;     // ... their fp32 scales, one per 256 blocks ...
+  float offset = 0.0f;           // ... and the mean that was subtracted
+};
+// Quantises n host weights with the given settings (blocksize, double quantisation).
+using Nf4HostQuantizer = std::function<Nf4HostWeights(const float* w, size_t n, const QuantSettings& quant)>;
 
 // AdamW hyperparameters, and per trainable tensor (layout order) its weight decay and lr multiplier.
 struct CudaAdamW {
@@ -60,8 +101,20 @@ class CudaModel {
   MemoryPlan memory_plan() const;
 
   // Host float vectors in ParameterLayout order (total_elements()). Upload sets master and working copy.
+  // QLoRA: before quantize_base_nf4 the values of the quantised tensors wait on the host (forward refuses
+  // to run); afterwards download returns their dequantised values (bit for bit the CPU model's), and upload
+  // keeps the NF4 codes: it only accepts, for those tensors, exactly the current dequantised values (a
+  // resumed checkpoint holds them) and throws std::invalid_argument for anything else, since quantising
+  // dequantised NF4 values again is not guaranteed to give the same codes. Everything else is uploaded.
   void upload_parameters(const std::vector<float>& values);
   std::vector<float> download_parameters() const;
+  // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
+  // (the CPU reference on the host: llm::nf4_quantize_host in train/cuda_backend.h; this library cannot
+  // include kernels/cpu/nf4.h, whose OpenMP pragmas it is not built for) and uploads the codes and absmax.
+  // Called again, it quantises the dequantised values again, as llm::Model::quantize_base_nf4 does.
+  // Throws std::logic_error unless the model was built with quant.nf4.
+  void quantize_base_nf4(const Nf4HostQuantizer& quantize);
+  bool nf4_quantized() const;
   // The fp32 gradient arena (trainable_elements(), grad_offset order).
   std::vector<float> download_gradients() const;
   // Overwrites the gradient arena (same order and length), e.g. for tests that hand both backends the
@@ -112,9 +165,12 @@ class CudaModel {
   void synchronize() const;
 
   // For optimizers that run outside this class (kernels/cuda_optimizers.h): device pointers to the fp32
-  // master weights (layout offsets) and fp32 gradients (grad offsets), the cudaStream_t all work runs
-  // on, and the refresh of the working copy after the master weights were changed directly.
+  // master weights (at device_offset(name), which is the layout offset unless NF4 tensors are left out)
+  // and fp32 gradients (grad offsets), the cudaStream_t all work runs on, and the refresh of the working
+  // copy after the master weights were changed directly.
   float* device_master();
+  // Element offset of tensor `name` in device_master(); throws std::invalid_argument for an NF4 tensor.
+  size_t device_offset(const std::string& name) const;
   float* device_gradients();
   void* cuda_stream();
   void refresh_working_copy();

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,13 @@ class TrainBackend {
   virtual std::vector<StateBuffer> optimizer_state() = 0;
   virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
   virtual std::string optimizer_name() const = 0;
+
+  // QLoRA: quantises the base weights the backend holds now (every tensor of nf4_quantized_tensors) to
+  // NF4, as llm::Model::quantize_base_nf4 does; call it after the base weights are written. The CPU and
+  // CUDA backends give bit-identical dequantised weights. Backends without NF4 throw std::logic_error.
+  virtual void quantize_base_nf4() {
+    throw std::logic_error("the " + name() + " backend cannot quantise its base weights to NF4");
+  }
 };
 
 }  // namespace llm

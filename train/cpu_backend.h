@@ -45,7 +45,7 @@ class CpuBackend : public TrainBackend {
 
   Model<float>& model() { return model_; }
   // QLoRA: quantises the base weights now in the model to NF4 (see Model::quantize_base_nf4).
-  void quantize_base_nf4() { model_.quantize_base_nf4(); }
+  void quantize_base_nf4() override { model_.quantize_base_nf4(); }
 
  private:
   Model<float> model_;

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <utility>
 
+#include "kernels/cpu/nf4.h"
 #include "kernels/cuda_optimizers.h"
 #include "kernels/cuda_runtime.h"
 #include "llm/json_config.h"
@@ -129,7 +130,7 @@ std::vector<GpuTensor> gpu_tensors(cuda::CudaModel& model, const std::vector<Par
     GpuTensor t;
     t.info = &info;
     t.n = static_cast<size_t>(info.numel);
-    t.param = master + info.offset;
+    t.param = master + model.device_offset(info.name);
     t.grad = grads + info.grad_offset;
     t.weight_decay = views[k].weight_decay;
     t.lr_scale = views[k].lr_scale;
@@ -588,6 +589,8 @@ cuda::CudaModelOptions model_options(const BackendOptions& options, cuda::Precis
   o.max_seq = options.max_seq;
   o.recompute = options.recompute;
   o.precision = precision;
+  o.lora = options.lora;
+  o.quant = options.quant;
   return o;
 }
 
@@ -623,9 +626,9 @@ CudaBackend::CudaBackend(const ModelConfig& config, const OptimizerConfig& optim
     : model_(checked(config, optimizer), model_options(options, precision)),
       seed_(options.seed),
       optimizer_name_(optimizer.name) {
-  // The same initial weights as the CPU backend: initialised on the host by llm::Model (whose
-  // activation buffers are planned for a single token), then uploaded.
-  Model<float> host(config, ModelOptions{1, 1, false});
+  // The same initial weights as the CPU backend (adapters included): initialised on the host by
+  // llm::Model (whose activation buffers are planned for a single token), then uploaded.
+  Model<float> host(config, ModelOptions{1, 1, false, options.lora, options.quant});
   host.init_weights(options.seed);
   model_.upload_parameters(host.parameters());
   // The CPU backend's groups (weight decay by role and name, lr_scale), from the same layout.
@@ -644,6 +647,41 @@ CudaBackend::~CudaBackend() {
     model_.synchronize();
   } catch (...) {
   }
+}
+
+void CudaBackend::quantize_base_nf4() {
+  model_.quantize_base_nf4(nf4_quantize_host);
+}
+
+cuda::Nf4HostWeights nf4_quantize_host(const float* w, size_t n, const QuantSettings& quant) {
+  const int bs = quant.blocksize;
+  if (bs <= 0) throw std::invalid_argument("nf4_quantize_host: blocksize must be positive");
+  cuda::Nf4HostWeights q;
+  q.packed.resize((n + 1) / 2);
+  q.absmax.resize(ref::blocks_for(n, bs));
+  const size_t blocks = q.absmax.size();
+  // Blocks are independent, and with an even blocksize every run of whole blocks starts on a byte of
+  // codes, so quantising runs of blocks one by one writes exactly what one call over the whole array
+  // writes (only the last run can end in a partial block or a pad nibble, as the whole array does).
+  const size_t per_run = std::max<size_t>(1, (size_t{1} << 16) / static_cast<size_t>(bs));
+  if (bs % 2 == 0 && blocks > per_run) {
+    const long long runs = static_cast<long long>((blocks + per_run - 1) / per_run);
+#pragma omp parallel for schedule(static)
+    for (long long r = 0; r < runs; ++r) {
+      const size_t b0 = static_cast<size_t>(r) * per_run, b1 = std::min(blocks, b0 + per_run);
+      const size_t j0 = b0 * static_cast<size_t>(bs), j1 = std::min(n, b1 * static_cast<size_t>(bs));
+      ref::nf4_quantize(q.packed.data() + j0 / 2, q.absmax.data() + b0, w + j0, j1 - j0, bs);
+    }
+  } else {
+    ref::nf4_quantize(q.packed.data(), q.absmax.data(), w, n, bs);
+  }
+  if (quant.double_quant) {
+    q.qabsmax.resize(blocks);
+    q.state2.resize(ref::blocks_for(blocks, ref::kNf4NestedBlockSize));
+    ref::nf4_double_quantize(q.qabsmax.data(), q.state2.data(), &q.offset, q.absmax.data(), blocks);
+    ref::nf4_double_dequantize(q.absmax.data(), q.qabsmax.data(), q.state2.data(), q.offset, blocks);
+  }
+  return q;
 }
 
 MemoryPlan CudaBackend::memory_plan() const {

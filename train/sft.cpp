@@ -98,14 +98,8 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
 int run_sft(SftConfig config, const SftRunOptions& options) {
   TrainConfig& tc = config.train;
   if (tc.device == "cuda") require_cuda_device();
-  // "auto" keeps LoRA runs on the CPU until the CUDA model has adapters.
-  const std::string device = config.lora.enabled && tc.device == "auto" ? "cpu" : resolve_device(tc.device);
-  if (device == "cuda" && config.lora.enabled) {
-    // Honest refusal: the LoRA and NF4 CUDA kernels exist (kernels/lora.cuh, kernels/nf4.cuh) but the
-    // CUDA model does not use them yet.
-    throw ConfigError(
-        "use_lora on the CUDA backend is not wired into the CUDA model yet; use \"device\": \"cpu\"");
-  }
+  // "auto": the GPU when one is usable, for full fine-tuning, LoRA and QLoRA alike.
+  const std::string device = resolve_device(tc.device);
   const bool print = options.run.print;
 
   // The base model and its tokenizer.
@@ -204,7 +198,7 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
     std::copy(base.begin(), base.end(), all.begin());
     backend->write_parameters(all);
   }
-  if (config.quant.nf4) dynamic_cast<CpuBackend&>(*backend).quantize_base_nf4();
+  if (config.quant.nf4) backend->quantize_base_nf4();
 
   if (print) {
     const ParameterCount count = count_parameters(tc.model);

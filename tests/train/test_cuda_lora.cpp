@@ -1,0 +1,485 @@
+// LoRA and QLoRA on the CUDA backend against the CPU backend (llm::Model<float>, the reference). Every
+// test skips, with the reason printed, where no GPU is usable; they run on the GPU machine
+// (dev/gpu/check.sh).
+//   - LoRA, fp32 mode: two micro-batches (gradient accumulation) with LoRA dropout 0 and 0.25 (the same
+//     dropout counters on both backends), on a Llama-like model (rope, GQA, RMSNorm, SwiGLU, qk_norm,
+//     packed documents) and a GPT-like one (learned positions, MHA, LayerNorm, GELU, Q/K/V biases, untied
+//     head), with and without recompute: losses within 1e-5 relative, every adapter gradient within 1e-5
+//     relative (L2 per tensor); the gradient arena holds the adapters only (the base has no gradient);
+//     the layouts are the CPU's, so host parameter vectors are interchangeable;
+//   - QLoRA (NF4, with and without double quantisation), fp32 mode: the same comparisons against the CPU's
+//     QLoRA model; after quantize_base_nf4, download_parameters equals the CPU model's parameters bit for
+//     bit; forward refuses to run before quantisation; uploading the current values again is accepted
+//     (resume) and a changed NF4 weight is refused;
+//   - bf16 mode: LoRA and QLoRA within 2e-2;
+//   - the memory plan: NF4 bytes per base parameter between 0.5 and 0.53, and `parameters` smaller than
+//     the same model's without quantisation;
+//   - run_sft with "device": "cuda" (bf16) on a tiny inline model and the built-in data, LoRA and QLoRA:
+//     every logged loss within 2e-2 relative of the CPU run's; and a QLoRA run re-run from its step-2
+//     checkpoint ends with bitwise the parameters of the uninterrupted run.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda_runtime.h"
+#include "llm/json_config.h"
+#include "llm/lora.h"
+#include "train/checkpoint.h"
+#include "train/cpu_backend.h"
+#include "train/cuda_backend.h"
+#include "train/sft.h"
+#include "train/sft_config.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using llm::BackendOptions;
+using llm::CpuBackend;
+using llm::CudaBackend;
+using llm::json;
+using llm::ModelConfig;
+using llm::OptimizerConfig;
+using llm::TokenBatch;
+using llm::cuda::Precision;
+
+#define SKIP_WITHOUT_GPU()                                                     \
+  do {                                                                         \
+    if (llm::cuda::device_count() == 0) {                                      \
+      GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason(); \
+    }                                                                          \
+  } while (0)
+
+// rope, GQA, RMSNorm, SwiGLU, qk_norm: every adapted module of a Llama/Qwen3 layer.
+ModelConfig llama_like() {
+  ModelConfig c;
+  c.d_model = 32;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.attention_type = "gqa";
+  c.d_ff = 48;
+  c.n_layers = 2;
+  c.vocab_size = 67;
+  c.max_seq_len = 16;
+  c.qk_norm = true;
+  return c;
+}
+
+// learned positions, MHA, LayerNorm (frozen weight and bias), GELU, Q/K/V biases (frozen), untied head.
+ModelConfig gpt_like() {
+  ModelConfig c = llama_like();
+  c.qk_norm = false;
+  c.positional_encoding = "learned";
+  c.attention_type = "mha";
+  c.n_kv_heads = 4;
+  c.norm_type = "layernorm";
+  c.activation = "gelu";
+  c.attention_bias = true;
+  c.tie_word_embeddings = false;
+  return c;
+}
+
+llm::LoraSettings lora_settings(double dropout) {
+  llm::LoraSettings s;
+  s.enabled = true;
+  s.preset = "all";
+  s.r = 4;
+  s.alpha = 8.0;
+  s.dropout = dropout;
+  s.init_seed = 77;
+  return s;
+}
+
+BackendOptions backend_options(int B, int T, const llm::LoraSettings& lora, bool nf4 = false,
+                               bool double_quant = true, bool recompute = false) {
+  BackendOptions o;
+  o.max_batch = B;
+  o.max_seq = T;
+  o.recompute = recompute;
+  o.seed = 1234;
+  o.weight_decay = 0.1;
+  o.lora = lora;
+  o.quant.nf4 = nf4;
+  o.quant.double_quant = double_quant;
+  return o;
+}
+
+struct Batch {
+  int B, T;
+  std::vector<int32_t> inputs, targets, positions, doc_ids;
+  TokenBatch view(bool packed) const {
+    TokenBatch b;
+    b.B = B;
+    b.T = T;
+    b.inputs = inputs.data();
+    b.targets = targets.data();
+    if (packed) {
+      b.positions = positions.data();
+      b.doc_ids = doc_ids.data();
+    }
+    return b;
+  }
+};
+
+// Random tokens; a few ignored targets; two documents per row.
+Batch random_batch(int B, int T, int V, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> tok(0, V - 1);
+  Batch b{B, T, {}, {}, {}, {}};
+  for (int r = 0; r < B; ++r) {
+    const int split = T / 2 + r % 3;
+    for (int t = 0; t < T; ++t) {
+      b.inputs.push_back(tok(rng));
+      b.targets.push_back(t % 5 == 3 ? -100 : tok(rng));
+      b.positions.push_back(t < split ? t : t - split);
+      b.doc_ids.push_back(t < split ? 0 : 1);
+    }
+  }
+  return b;
+}
+
+// ||a - b||_2 / ||a||_2 over one tensor.
+double l2_rel(const float* a, const float* b, size_t n) {
+  double diff = 0.0, scale = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    diff += d * d;
+    scale += static_cast<double>(a[i]) * a[i];
+  }
+  return scale > 0.0 ? std::sqrt(diff / scale) : std::sqrt(diff);
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// A fresh adapter has B = 0, which makes dA zero; random B values (the same on both backends) give every
+// adapter gradient a signal.
+void randomise_lora_b(CpuBackend& cpu, CudaBackend& gpu) {
+  std::vector<float> p = cpu.read_parameters();
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (const auto& t : cpu.layout().tensors()) {
+    if (t.name.find("lora_B") == std::string::npos) continue;
+    for (int64_t i = 0; i < t.numel; ++i) p[t.offset + i] = normal(rng);
+  }
+  cpu.write_parameters(p);
+  gpu.write_parameters(p);
+}
+
+struct Case {
+  ModelConfig config;
+  double lora_dropout = 0.0;
+  bool nf4 = false, double_quant = true, recompute = false, packed = false;
+};
+
+// Both backends with the same weights (and the same NF4 base); checks the layouts and the parameters.
+void build_pair(const Case& c, Precision precision, std::unique_ptr<CpuBackend>& cpu,
+                std::unique_ptr<CudaBackend>& gpu) {
+  const int B = 2, T = 12;
+  OptimizerConfig opt;
+  const BackendOptions o =
+      backend_options(B, T, lora_settings(c.lora_dropout), c.nf4, c.double_quant, c.recompute);
+  cpu = std::make_unique<CpuBackend>(c.config, opt, o);
+  gpu = std::make_unique<CudaBackend>(c.config, opt, o, precision);
+  ASSERT_EQ(cpu->layout().tensors().size(), gpu->layout().tensors().size());
+  for (size_t i = 0; i < cpu->layout().tensors().size(); ++i) {
+    const auto &a = cpu->layout().tensors()[i], &b = gpu->layout().tensors()[i];
+    EXPECT_EQ(a.name, b.name);
+    EXPECT_EQ(a.offset, b.offset);
+    EXPECT_EQ(a.trainable, b.trainable);
+    EXPECT_EQ(a.grad_offset, b.grad_offset);
+  }
+  ASSERT_TRUE(same_bits(cpu->read_parameters(), gpu->read_parameters())) << "the initial weights differ";
+  randomise_lora_b(*cpu, *gpu);
+  if (c.nf4) {
+    cpu->quantize_base_nf4();
+    gpu->quantize_base_nf4();
+    ASSERT_TRUE(same_bits(cpu->read_parameters(), gpu->read_parameters()))
+        << "the dequantised NF4 base differs from the CPU's";
+  }
+}
+
+// Two micro-batches (scale 1/2 each, dropout counters 11 and 12) on both backends; compares the losses
+// and every adapter gradient.
+void compare_gradients(const Case& c, Precision precision, double tolerance) {
+  std::unique_ptr<CpuBackend> cpu;
+  std::unique_ptr<CudaBackend> gpu;
+  build_pair(c, precision, cpu, gpu);
+  if (::testing::Test::HasFatalFailure()) return;
+  cpu->zero_grad();
+  gpu->zero_grad();
+  for (int micro = 0; micro < 2; ++micro) {
+    const Batch batch = random_batch(2, 12, c.config.vocab_size, 7 + micro);
+    const double lc = cpu->forward_backward(batch.view(c.packed), 0.5, 11 + micro);
+    const double lg = gpu->forward_backward(batch.view(c.packed), 0.5, 11 + micro);
+    EXPECT_NEAR(lg, lc, tolerance * std::fabs(lc)) << "loss of micro-batch " << micro;
+  }
+  // The gradient arena holds the adapters and nothing else: the base has no gradient.
+  size_t adapter_elements = 0;
+  for (const auto& t : gpu->layout().tensors()) {
+    EXPECT_EQ(t.trainable, t.role == llm::TensorRole::kLora) << t.name;
+    if (t.role == llm::TensorRole::kLora) adapter_elements += static_cast<size_t>(t.numel);
+  }
+  const std::vector<float>& gc = cpu->model().gradients();
+  const std::vector<float> gg = gpu->model().download_gradients();
+  ASSERT_EQ(gg.size(), adapter_elements);
+  ASSERT_EQ(gc.size(), gg.size());
+  for (const auto& t : cpu->layout().tensors()) {
+    if (!t.trainable) continue;
+    const size_t n = static_cast<size_t>(t.numel);
+    double norm = 0.0;
+    for (size_t i = 0; i < n; ++i) norm += static_cast<double>(gc[t.grad_offset + i]) * gc[t.grad_offset + i];
+    EXPECT_GT(norm, 0.0) << t.name << ": no gradient signal";
+    EXPECT_LT(l2_rel(gc.data() + t.grad_offset, gg.data() + t.grad_offset, n), tolerance) << t.name;
+  }
+}
+
+constexpr double kFp32Tolerance = 1e-5;
+constexpr double kBf16Tolerance = 2e-2;
+
+TEST(CudaLora, GradientsMatchCpuFp32) {
+  SKIP_WITHOUT_GPU();
+  for (double dropout : {0.0, 0.25}) {
+    for (bool recompute : {false, true}) {
+      SCOPED_TRACE("lora dropout " + std::to_string(dropout) + (recompute ? ", recompute" : ""));
+      {
+        SCOPED_TRACE("llama-like, packed documents");
+        Case c{llama_like(), dropout};
+        c.recompute = recompute;
+        c.packed = true;
+        compare_gradients(c, Precision::kFp32, kFp32Tolerance);
+      }
+      {
+        SCOPED_TRACE("gpt-like (layernorm, biases, untied head)");
+        Case c{gpt_like(), dropout};
+        c.recompute = recompute;
+        compare_gradients(c, Precision::kFp32, kFp32Tolerance);
+      }
+    }
+  }
+}
+
+TEST(CudaLora, QloraGradientsMatchCpuFp32) {
+  SKIP_WITHOUT_GPU();
+  for (bool double_quant : {true, false}) {
+    for (double dropout : {0.0, 0.25}) {
+      for (bool recompute : {false, true}) {
+        SCOPED_TRACE(std::string(double_quant ? "double quant" : "no double quant") + ", lora dropout " +
+                     std::to_string(dropout) + (recompute ? ", recompute" : ""));
+        Case c{llama_like(), dropout};
+        c.nf4 = true;
+        c.double_quant = double_quant;
+        c.recompute = recompute;
+        c.packed = true;
+        compare_gradients(c, Precision::kFp32, kFp32Tolerance);
+        Case g{gpt_like(), dropout};
+        g.nf4 = true;
+        g.double_quant = double_quant;
+        g.recompute = recompute;
+        compare_gradients(g, Precision::kFp32, kFp32Tolerance);
+      }
+    }
+  }
+}
+
+TEST(CudaLora, GradientsMatchCpuBf16) {
+  SKIP_WITHOUT_GPU();
+  for (bool nf4 : {false, true}) {
+    SCOPED_TRACE(nf4 ? "QLoRA" : "LoRA");
+    Case c{llama_like(), 0.25};
+    c.nf4 = nf4;
+    c.packed = true;
+    compare_gradients(c, Precision::kBf16, kBf16Tolerance);
+    Case g{gpt_like(), 0.0};
+    g.nf4 = nf4;
+    compare_gradients(g, Precision::kBf16, kBf16Tolerance);
+  }
+}
+
+TEST(CudaLora, Nf4ParametersAreTheCpusBitForBitAndUploadKeepsTheCodes) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = llama_like();
+  OptimizerConfig opt;
+  const BackendOptions o = backend_options(2, 12, lora_settings(0.0), /*nf4=*/true);
+  CpuBackend cpu(c, opt, o);
+  CudaBackend gpu(c, opt, o, Precision::kFp32);
+  const Batch batch = random_batch(2, 12, c.vocab_size, 3);
+  // Before quantisation the NF4 tensors wait on the host: forward refuses to run.
+  EXPECT_THROW(gpu.evaluate(batch.view(false)), std::logic_error);
+  EXPECT_FALSE(gpu.model().nf4_quantized());
+  EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+
+  cpu.quantize_base_nf4();
+  gpu.quantize_base_nf4();
+  EXPECT_TRUE(gpu.model().nf4_quantized());
+  const std::vector<float> pc = cpu.read_parameters();
+  EXPECT_TRUE(same_bits(pc, gpu.read_parameters()));
+  // The NF4 tensors have no fp32 master on the device.
+  for (const std::string& name : llm::nf4_quantized_tensors(c))
+    EXPECT_THROW(gpu.model().device_offset(name), std::invalid_argument) << name;
+
+  // Resume: the current values (dequantised base, new adapters) are accepted and change the adapters.
+  std::vector<float> resumed = pc;
+  const auto& a = cpu.layout().at("model.layers.1.mlp.down_proj.lora_A.weight");
+  resumed[a.offset] += 0.5f;
+  gpu.write_parameters(resumed);
+  EXPECT_TRUE(same_bits(resumed, gpu.read_parameters()));
+  // A changed NF4 weight is refused, and the refusal changes nothing.
+  std::vector<float> changed = resumed;
+  changed[cpu.layout().at("model.layers.0.self_attn.q_proj.weight").offset] += 1.0f;
+  changed[a.offset] -= 0.5f;
+  EXPECT_THROW(gpu.write_parameters(changed), std::invalid_argument);
+  EXPECT_TRUE(same_bits(resumed, gpu.read_parameters()));
+
+  // Evaluation agrees with the CPU (fp32).
+  cpu.write_parameters(resumed);
+  const double ec = cpu.evaluate(batch.view(false));
+  EXPECT_NEAR(gpu.evaluate(batch.view(false)), ec, kFp32Tolerance * std::fabs(ec));
+}
+
+TEST(CudaLora, MemoryPlanCountsNf4InsteadOfDenseBaseWeights) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = llama_like();
+  c.d_model = 64;
+  c.d_ff = 128;
+  OptimizerConfig opt;
+  for (Precision p : {Precision::kBf16, Precision::kFp32}) {
+    SCOPED_TRACE(llm::cuda::precision_name(p));
+    CudaBackend lora(c, opt, backend_options(2, 12, lora_settings(0.05)), p);
+    CudaBackend qlora(c, opt, backend_options(2, 12, lora_settings(0.05), true, true), p);
+    const llm::MemoryPlan a = lora.memory_plan(), b = qlora.memory_plan();
+    EXPECT_EQ(a.nf4_params, 0u);
+    size_t quantised = 0;
+    for (const std::string& name : llm::nf4_quantized_tensors(c))
+      quantised += static_cast<size_t>(lora.layout().at(name).numel);
+    EXPECT_EQ(b.nf4_params, quantised);
+    const double per_param = static_cast<double>(b.nf4_base) / static_cast<double>(b.nf4_params);
+    EXPECT_GE(per_param, 0.5);
+    EXPECT_LE(per_param, 0.53);
+    EXPECT_LT(b.parameters, a.parameters);
+    const size_t bytes_per_dense = p == Precision::kBf16 ? 6 : 4;  // fp32 master (+ bf16 working copy)
+    EXPECT_EQ(a.parameters - b.parameters, quantised * bytes_per_dense);
+    EXPECT_EQ(b.gradients, a.gradients);
+    // The CPU model counts the same NF4 bytes.
+    CpuBackend cpu(c, opt, backend_options(2, 12, lora_settings(0.05), true, true));
+    EXPECT_EQ(cpu.memory_plan().nf4_base, b.nf4_base);
+    EXPECT_EQ(cpu.memory_plan().nf4_params, b.nf4_params);
+  }
+}
+
+// ---- SFT end to end ----------------------------------------------------------------------------------
+
+std::string temp_dir(const std::string& name) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("llm_test_cuda_lora_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir.string();
+}
+
+json sft_config(const std::string& out, const std::string& device, bool nf4) {
+  json c{{"model", json{{"vocab_size", 260},
+                        {"d_model", 32},
+                        {"n_heads", 2},
+                        {"n_kv_heads", 1},
+                        {"d_ff", 48},
+                        {"n_layers", 2},
+                        {"max_seq_len", 256}}},
+         {"max_length", 160},
+         {"batch_size", 3},
+         {"gradient_accumulation_steps", 2},
+         {"max_steps", 6},
+         {"lr", 3e-3},
+         {"warmup_steps", 1},
+         {"use_lora", true},
+         {"lora_preset", "all"},
+         {"lora_r", 4},
+         {"lora_alpha", 8},
+         {"lora_dropout", 0.1},
+         {"packing", true},
+         {"eval_every", 3},
+         {"eval_steps", 2},
+         {"save_every", 2},
+         {"save_best_only", false},
+         {"log_every", 1},
+         {"output_dir", out},
+         {"device", device}};
+  if (nf4) c["load_in_4bit"] = true;
+  return c;
+}
+
+llm::SftRunOptions quiet() {
+  llm::SftRunOptions o;
+  o.run.print = false;
+  return o;
+}
+
+// The training losses of metrics.jsonl, in step order.
+std::vector<double> logged_losses(const std::string& dir) {
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::vector<double> out;
+  std::string line;
+  while (std::getline(in, line)) {
+    const json entry = json::parse(line);
+    if (entry.contains("loss")) out.push_back(entry["loss"].get<double>());
+  }
+  return out;
+}
+
+std::vector<float> checkpoint_params(const std::string& path) {
+  std::vector<float> all;
+  for (const auto& a : llm::read_checkpoint(path).arrays) {
+    if (a.kind == "param") all.insert(all.end(), a.data.begin(), a.data.end());
+  }
+  return all;
+}
+
+TEST(CudaLora, SftOnCudaFollowsTheCpuRun) {
+  SKIP_WITHOUT_GPU();
+  for (bool nf4 : {false, true}) {
+    SCOPED_TRACE(nf4 ? "QLoRA" : "LoRA");
+    const std::string cpu_dir = temp_dir("cpu"), gpu_dir = temp_dir("gpu");
+    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(cpu_dir, "cpu", nf4), "cpu.json"), quiet()),
+              0);
+    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(gpu_dir, "cuda", nf4), "gpu.json"), quiet()),
+              0);
+    const std::vector<double> lc = logged_losses(cpu_dir), lg = logged_losses(gpu_dir);
+    ASSERT_EQ(lc.size(), 6u);
+    ASSERT_EQ(lg.size(), lc.size());
+    for (size_t i = 0; i < lc.size(); ++i)
+      EXPECT_NEAR(lg[i], lc[i], 2e-2 * std::fabs(lc[i])) << "step " << i + 1;
+    EXPECT_TRUE(fs::exists(gpu_dir + "/final_lora_adapters/adapter_model.safetensors"));
+    // The frozen base in the GPU run's checkpoint is the CPU run's (NF4 round trip included), bit for bit.
+    const std::vector<float> pc = checkpoint_params(cpu_dir + "/latest.ckpt"),
+                             pg = checkpoint_params(gpu_dir + "/latest.ckpt");
+    ASSERT_EQ(pc.size(), pg.size());
+    llm::ModelConfig mc = llm::model_config_from_json(sft_config("", "cpu", nf4)["model"], "model");
+    const size_t base_elements = llm::ParameterLayout(mc).total_elements();
+    EXPECT_EQ(std::memcmp(pc.data(), pg.data(), base_elements * sizeof(float)), 0);
+    fs::remove_all(cpu_dir);
+    fs::remove_all(gpu_dir);
+  }
+}
+
+TEST(CudaLora, QloraSftOnCudaResumesBitwise) {
+  SKIP_WITHOUT_GPU();
+  const std::string a = temp_dir("uninterrupted"), b = temp_dir("killed");
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(a, "cuda", true), "a.json"), quiet()), 0);
+  fs::copy_file(a + "/step_00000002.ckpt", b + "/latest.ckpt");
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(b, "cuda", true), "b.json"), quiet()), 0);
+  EXPECT_TRUE(same_bits(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt")));
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
+}  // namespace
