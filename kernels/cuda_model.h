@@ -68,16 +68,8 @@ struct CudaModelOptions {
   QuantSettings quant;  // QLoRA: the base's decoder-layer linear weights in NF4 (needs lora.enabled)
 };
 
-// One weight in NF4 as the host reference computes it (kernels/cpu/nf4.h; the fields of
-// llm::Model::Nf4Tensor): what a quantiser hands to CudaModel::quantize_base_nf4.
-struct Nf4HostWeights {
-  std::vector<uint8_t> packed;   // (n + 1) / 2 bytes, two codes per byte, high nibble first
-  std::vector<float> absmax;     // one per block, double-dequantised when double quantised (what the
-                                 // layer computes with)
-  std::vector<uint8_t> qabsmax;  // double quantisation: the 8-bit absmax codes ...
-  std::vector<float> state2;     // ... their fp32 scales, one per 256 blocks ...
-  float offset = 0.0f;           // ... and the mean that was subtracted
-};
+// One weight in NF4 as the host reference computes it (llm::nf4_quantize_weights).
+using Nf4HostWeights = Nf4Weights;
 // Quantises n host weights with the given settings (blocksize, double quantisation).
 using Nf4HostQuantizer = std::function<Nf4HostWeights(const float* w, size_t n, const QuantSettings& quant)>;
 
@@ -109,8 +101,8 @@ class CudaModel {
   void upload_parameters(const std::vector<float>& values);
   std::vector<float> download_parameters() const;
   // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
-  // (the CPU reference on the host: llm::nf4_quantize_host in train/cuda_backend.h; this library cannot
-  // include kernels/cpu/nf4.h, whose OpenMP pragmas it is not built for) and uploads the codes and absmax.
+  // (the CPU reference on the host: llm::nf4_quantize_weights, in llm_core, which this library does not
+  // link) and uploads the codes and absmax.
   // Called again, it quantises the dequantised values again, as llm::Model::quantize_base_nf4 does.
   // Throws std::logic_error unless the model was built with quant.nf4.
   void quantize_base_nf4(const Nf4HostQuantizer& quantize);

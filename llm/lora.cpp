@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 
+#include "kernels/cpu/nf4.h"
 #include "llm/model_layout.h"
 
 namespace llm {
@@ -131,6 +133,41 @@ std::vector<std::string> nf4_quantized_tensors(const ModelConfig& config) {
     if (t.role == TensorRole::kMatrix && t.name.rfind("model.layers.", 0) == 0) names.push_back(t.name);
   }
   return names;
+}
+
+Nf4Weights nf4_quantize_weights(const float* w, size_t n, const QuantSettings& quant) {
+  const int bs = quant.blocksize;
+  if (bs < 1) throw std::invalid_argument("NF4 blocksize must be positive, found " + std::to_string(bs));
+  Nf4Weights q;
+  q.packed.resize((n + 1) / 2);
+  q.absmax.resize(ref::blocks_for(n, bs));
+  const size_t blocks = q.absmax.size();
+  // Blocks are independent, and with an even blocksize every run of whole blocks starts on a byte of
+  // codes, so quantising runs of blocks separately (in parallel) writes exactly what one call over the
+  // whole array writes (only the last run can end in a partial block or a pad nibble, as the whole does).
+  const size_t per_run = std::max<size_t>(1, (size_t{1} << 16) / static_cast<size_t>(bs));
+  if (bs % 2 == 0 && blocks > per_run) {
+    const long long runs = static_cast<long long>((blocks + per_run - 1) / per_run);
+#pragma omp parallel for schedule(static)
+    for (long long r = 0; r < runs; ++r) {
+      const size_t b0 = static_cast<size_t>(r) * per_run, b1 = std::min(blocks, b0 + per_run);
+      const size_t j0 = b0 * static_cast<size_t>(bs), j1 = std::min(n, b1 * static_cast<size_t>(bs));
+      ref::nf4_quantize(q.packed.data() + j0 / 2, q.absmax.data() + b0, w + j0, j1 - j0, bs);
+    }
+  } else {
+    ref::nf4_quantize(q.packed.data(), q.absmax.data(), w, n, bs);
+  }
+  if (quant.double_quant) {
+    q.qabsmax.resize(blocks);
+    q.state2.resize(ref::blocks_for(blocks, ref::kNf4NestedBlockSize));
+    ref::nf4_double_quantize(q.qabsmax.data(), q.state2.data(), &q.offset, q.absmax.data(), blocks);
+    ref::nf4_double_dequantize(q.absmax.data(), q.qabsmax.data(), q.state2.data(), q.offset, blocks);
+  }
+  return q;
+}
+
+void nf4_dequantize_weights(float* out, const Nf4Weights& q, size_t n, const QuantSettings& quant) {
+  ref::nf4_dequantize(out, q.packed.data(), q.absmax.data(), n, quant.blocksize);
 }
 
 }  // namespace llm

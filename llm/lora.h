@@ -19,6 +19,8 @@
 // embedding, the norms, the biases and the LM head stay in full precision.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -70,5 +72,20 @@ void add_lora_tensors(ParameterLayout& layout, const std::vector<LoraModule>& mo
 
 // The names of the base weights NF4 stores (every decoder-layer linear weight), in layout order.
 std::vector<std::string> nf4_quantized_tensors(const ModelConfig& config);
+
+// One weight in NF4 (kernels/cpu/nf4.h).
+struct Nf4Weights {
+  std::vector<uint8_t> packed;   // (n + 1) / 2 bytes, two codes per byte, high nibble first
+  std::vector<float> absmax;     // one per block; double-dequantised when double quantised (what the layer
+                                 // computes with)
+  std::vector<uint8_t> qabsmax;  // double quantisation: the 8-bit absmax codes ...
+  std::vector<float> state2;     // ... their fp32 scales, one per 256 blocks ...
+  float offset = 0.0f;           // ... and the mean that was subtracted
+};
+// Quantises n weights with the CPU reference: what every backend stores for a QLoRA base weight.
+// Throws std::invalid_argument for a blocksize < 1.
+Nf4Weights nf4_quantize_weights(const float* w, size_t n, const QuantSettings& quant);
+// out[0..n) = the weights the layer computes with: code * absmax of the block, in fp32.
+void nf4_dequantize_weights(float* out, const Nf4Weights& q, size_t n, const QuantSettings& quant);
 
 }  // namespace llm

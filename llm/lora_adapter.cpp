@@ -483,18 +483,7 @@ void nf4_round_trip_base(const ModelConfig& config, const QuantSettings& quant, 
     const TensorInfo& t = layout.at(name);
     const size_t n = static_cast<size_t>(t.numel);
     float* w = base_params + t.offset;
-    std::vector<uint8_t> packed((n + 1) / 2);
-    std::vector<float> absmax(ref::blocks_for(n, quant.blocksize));
-    ref::nf4_quantize(packed.data(), absmax.data(), w, n, quant.blocksize);
-    if (quant.double_quant) {
-      const size_t nb = absmax.size();
-      std::vector<uint8_t> qabsmax(nb);
-      std::vector<float> state2(ref::blocks_for(nb, ref::kNf4NestedBlockSize));
-      float offset = 0.0f;
-      ref::nf4_double_quantize(qabsmax.data(), state2.data(), &offset, absmax.data(), nb);
-      ref::nf4_double_dequantize(absmax.data(), qabsmax.data(), state2.data(), offset, nb);
-    }
-    ref::nf4_dequantize(w, packed.data(), absmax.data(), n, quant.blocksize);
+    nf4_dequantize_weights(w, nf4_quantize_weights(w, n, quant), n, quant);
   }
 }
 

@@ -204,23 +204,13 @@ void Model<T>::quantize_base_nf4() {
   if (!options_.quant.nf4)
     throw std::logic_error("quantize_base_nf4: the model was not built with quant.nf4");
   nf4_.clear();
-  const int blocksize = options_.quant.blocksize;
   for (const std::string& name : nf4_quantized_tensors(config_)) {
-    const TensorInfo& t = layout_.at(name);
-    const size_t n = static_cast<size_t>(t.numel);
-    std::vector<float> w(param(name), param(name) + n);
-    Nf4Tensor q;
-    q.packed.resize((n + 1) / 2);
-    q.absmax.resize(ref::blocks_for(n, blocksize));
-    ref::nf4_quantize(q.packed.data(), q.absmax.data(), w.data(), n, blocksize);
-    if (options_.quant.double_quant) {
-      const size_t nb = q.absmax.size();
-      q.qabsmax.resize(nb);
-      q.state2.resize(ref::blocks_for(nb, ref::kNf4NestedBlockSize));
-      ref::nf4_double_quantize(q.qabsmax.data(), q.state2.data(), &q.offset, q.absmax.data(), nb);
-      ref::nf4_double_dequantize(q.absmax.data(), q.qabsmax.data(), q.state2.data(), q.offset, nb);
-    }
-    ref::nf4_dequantize(param(name), q.packed.data(), q.absmax.data(), n, blocksize);
+    const size_t n = static_cast<size_t>(layout_.at(name).numel);
+    const std::vector<float> w(param(name), param(name) + n);
+    Nf4Tensor q = nf4_quantize_weights(w.data(), n, options_.quant);
+    std::vector<float> dequantised(n);
+    nf4_dequantize_weights(dequantised.data(), q, n, options_.quant);
+    std::copy(dequantised.begin(), dequantised.end(), param(name));
     nf4_.emplace_back(name, std::move(q));
   }
 }

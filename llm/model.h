@@ -78,13 +78,7 @@ class Model {
   // layer then computes with. Call it after the base weights are loaded; the codes are kept for the
   // memory plan and for uploading to a GPU.
   void quantize_base_nf4();
-  struct Nf4Tensor {
-    std::vector<uint8_t> packed;   // two codes per byte, high nibble first
-    std::vector<float> absmax;     // per block of 64 (double-dequantised when double_quant)
-    std::vector<uint8_t> qabsmax;  // double quantisation: 8-bit absmax codes ...
-    std::vector<float> state2;     // ... their per-256 scales ...
-    float offset = 0.0f;           // ... and the mean that was subtracted
-  };
+  using Nf4Tensor = Nf4Weights;
   const std::vector<std::pair<std::string, Nf4Tensor>>& nf4_tensors() const { return nf4_; }
   const std::vector<LoraModule>& lora_modules() const { return lora_modules_; }
   // Freezes or unfreezes a tensor; the gradient arena is re-planned (and zeroed).

@@ -650,38 +650,7 @@ CudaBackend::~CudaBackend() {
 }
 
 void CudaBackend::quantize_base_nf4() {
-  model_.quantize_base_nf4(nf4_quantize_host);
-}
-
-cuda::Nf4HostWeights nf4_quantize_host(const float* w, size_t n, const QuantSettings& quant) {
-  const int bs = quant.blocksize;
-  if (bs <= 0) throw std::invalid_argument("nf4_quantize_host: blocksize must be positive");
-  cuda::Nf4HostWeights q;
-  q.packed.resize((n + 1) / 2);
-  q.absmax.resize(ref::blocks_for(n, bs));
-  const size_t blocks = q.absmax.size();
-  // Blocks are independent, and with an even blocksize every run of whole blocks starts on a byte of
-  // codes, so quantising runs of blocks one by one writes exactly what one call over the whole array
-  // writes (only the last run can end in a partial block or a pad nibble, as the whole array does).
-  const size_t per_run = std::max<size_t>(1, (size_t{1} << 16) / static_cast<size_t>(bs));
-  if (bs % 2 == 0 && blocks > per_run) {
-    const long long runs = static_cast<long long>((blocks + per_run - 1) / per_run);
-#pragma omp parallel for schedule(static)
-    for (long long r = 0; r < runs; ++r) {
-      const size_t b0 = static_cast<size_t>(r) * per_run, b1 = std::min(blocks, b0 + per_run);
-      const size_t j0 = b0 * static_cast<size_t>(bs), j1 = std::min(n, b1 * static_cast<size_t>(bs));
-      ref::nf4_quantize(q.packed.data() + j0 / 2, q.absmax.data() + b0, w + j0, j1 - j0, bs);
-    }
-  } else {
-    ref::nf4_quantize(q.packed.data(), q.absmax.data(), w, n, bs);
-  }
-  if (quant.double_quant) {
-    q.qabsmax.resize(blocks);
-    q.state2.resize(ref::blocks_for(blocks, ref::kNf4NestedBlockSize));
-    ref::nf4_double_quantize(q.qabsmax.data(), q.state2.data(), &q.offset, q.absmax.data(), blocks);
-    ref::nf4_double_dequantize(q.absmax.data(), q.qabsmax.data(), q.state2.data(), q.offset, blocks);
-  }
-  return q;
+  model_.quantize_base_nf4(nf4_quantize_weights);
 }
 
 MemoryPlan CudaBackend::memory_plan() const {

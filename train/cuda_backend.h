@@ -21,7 +21,7 @@
 // LoRA and QLoRA (BackendOptions::lora, ::quant): the CUDA model builds the CPU model's layout (adapters
 // appended, base frozen), the initial weights are the CPU backend's (llm::Model::init_weights with the same
 // LoRA settings), and the optimizers see the adapters only. quantize_base_nf4() quantises the base with the
-// CPU reference on the host (nf4_quantize_host below) and keeps only the NF4 form on the GPU
+// CPU reference on the host (llm::nf4_quantize_weights) and keeps only the NF4 form on the GPU
 // (kernels/cuda_model.h); read_parameters() then returns the dequantised base, bit for bit the CPU's.
 #pragma once
 
@@ -65,7 +65,7 @@ class CudaBackend : public TrainBackend {
   std::vector<StateBuffer> optimizer_state() override;
   void load_optimizer_state(const std::vector<StateBuffer>& state) override;
   std::string optimizer_name() const override { return optimizer_name_; }
-  // QLoRA: see CudaModel::quantize_base_nf4 (with nf4_quantize_host).
+  // QLoRA: see CudaModel::quantize_base_nf4 (with llm::nf4_quantize_weights).
   void quantize_base_nf4() override;
 
   cuda::CudaModel& model() { return model_; }
@@ -76,12 +76,6 @@ class CudaBackend : public TrainBackend {
   std::string optimizer_name_;
   std::unique_ptr<CudaOptimizer> optimizer_;
 };
-
-// n weights in NF4 exactly as llm::Model::quantize_base_nf4 computes them with the CPU reference
-// (kernels/cpu/nf4.h): ref::nf4_quantize in blocks of quant.blocksize (runs of whole blocks in parallel,
-// which gives the same bytes), then with quant.double_quant ref::nf4_double_quantize of the absmax and
-// ref::nf4_double_dequantize back into `absmax`. The quantiser CudaModel::quantize_base_nf4 takes.
-cuda::Nf4HostWeights nf4_quantize_host(const float* w, size_t n, const QuantSettings& quant);
 
 // Why the CUDA backend cannot run this optimizer configuration, or "" when it can (today only an
 // adamw_8bit_block_size above the GPU kernel's 4096).
