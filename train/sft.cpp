@@ -106,7 +106,8 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   std::vector<float> base;
   std::string tokenizer_spec = tc.model.tokenizer_name;
   if (!config.base_model.empty()) base = load_base_model(config.base_model, tc.model, tokenizer_spec);
-  if (!config.max_length_given) config.data.max_length = std::min(config.data.max_length, tc.model.max_seq_len);
+  if (!config.max_length_given)
+    config.data.max_length = std::min(config.data.max_length, tc.model.max_seq_len);
   if (config.data.max_length > tc.model.max_seq_len) {
     throw ConfigError("max_length (" + std::to_string(config.data.max_length) +
                       ") exceeds the model's max_seq_len (" + std::to_string(tc.model.max_seq_len) + ")");
@@ -263,7 +264,16 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
     run.resume_path = latest;
     if (print) std::printf("found %s: resuming from it (--fresh starts over)\n", latest.c_str());
   }
-  const RunResult result = trainer.run(run);
+  RunResult result;
+  try {
+    result = trainer.run(run);
+  } catch (const CheckpointError& e) {
+    if (run.resume_path != latest || !options.run.resume_path.empty()) throw;
+    // The automatic resume found a checkpoint of another run (another model, LoRA set-up or data).
+    throw CheckpointError(
+        std::string(e.what()) + "\n(" + latest +
+        " was picked up automatically: pass --fresh to start over, or use another output_dir)");
+  }
   if (config.lora.enabled && !result.stopped_on_nonfinite) {
     const std::vector<float> params = backend->read_parameters();
     save_peft_adapter(tc.output_dir + "/final_lora_adapters", tc.model, config.lora, backend->layout(),
