@@ -34,8 +34,8 @@
 //
 // Gradient rules: dA and dB are parameter gradients and accumulate (+=). dx is an activation gradient and
 // is overwritten (=) unless accumulate_dx is set. dx, dA and dB may each be null to skip them.
-// Scratch for dh and x~ is allocated inside the backward call (this is the clear reference, not the
-// fast path).
+// Every product is a call of the linear op (kernels/cpu/linear.h); scratch for x~, h B^T, dh and dx~ is
+// allocated inside the calls (this is the clear reference, not the fast path).
 #pragma once
 
 #include <cmath>
@@ -82,21 +82,19 @@ void lora_forward(T* out, T* h, const T* x, const T* weight, const std::common_t
   linear_forward(out, x, weight, bias, N, I, O);  // x W^T + b
 
   const size_t nx = static_cast<size_t>(N) * I;
-  std::vector<T> xd(nx);
-  dropout_forward(xd.data(), x, nx, dropout_p, seed, stream);  // x~
-  linear_forward(h, xd.data(), A, nullptr, N, I, r);           // h = x~ A^T
-
-  const T s = static_cast<T>(scale);
-  for (int n = 0; n < N; ++n) {
-    const T* hr = h + static_cast<size_t>(n) * r;
-    T* outr = out + static_cast<size_t>(n) * O;
-    for (int o = 0; o < O; ++o) {
-      const T* br = B + static_cast<size_t>(o) * r;
-      T acc = 0;
-      for (int k = 0; k < r; ++k) acc += hr[k] * br[k];
-      outr[o] += s * acc;  // + s h B^T
-    }
+  std::vector<T> xd;
+  const T* x_tilde = x;  // p = 0: dropout is the identity
+  if (dropout_p > 0.0f) {
+    xd.resize(nx);
+    dropout_forward(xd.data(), x, nx, dropout_p, seed, stream);
+    x_tilde = xd.data();
   }
+  linear_forward(h, x_tilde, A, static_cast<const T*>(nullptr), N, I, r);  // h = x~ A^T
+
+  std::vector<T> up(static_cast<size_t>(N) * O);
+  linear_forward(up.data(), h, B, static_cast<const T*>(nullptr), N, r, O);  // h B^T
+  const T s = static_cast<T>(scale);
+  for (size_t k = 0; k < up.size(); ++k) out[k] += s * up[k];  // + s h B^T
 }
 
 // dx: [N, I] (= unless accumulate_dx, then +=; null to skip); dA: [r, I] (+=; null to skip);
@@ -109,43 +107,38 @@ void lora_backward(std::common_type_t<T>* dx, std::common_type_t<T>* dA, std::co
                    bool accumulate_dx = false) {
   const T s = static_cast<T>(scale);
 
-  // dB += s G^T h.
+  // dB += s G^T h: the weight gradient of the linear map h -> h B^T, scaled.
   if (dB != nullptr) {
-    for (int o = 0; o < O; ++o) {
-      T* dbr = dB + static_cast<size_t>(o) * r;
-      for (int n = 0; n < N; ++n) {
-        const T g = s * dout[static_cast<size_t>(n) * O + o];
-        const T* hr = h + static_cast<size_t>(n) * r;
-        for (int k = 0; k < r; ++k) dbr[k] += g * hr[k];
-      }
-    }
+    std::vector<T> g_h(static_cast<size_t>(O) * r, T(0));
+    linear_backward(static_cast<T*>(nullptr), g_h.data(), static_cast<T*>(nullptr), dout, h, B, N, r, O);
+    for (size_t k = 0; k < g_h.size(); ++k) dB[k] += s * g_h[k];
   }
   if (dx == nullptr && dA == nullptr) return;
 
-  // dh = s G B.
-  std::vector<T> dh(static_cast<size_t>(N) * r, T(0));
-  for (int n = 0; n < N; ++n) {
-    const T* gr = dout + static_cast<size_t>(n) * O;
-    T* dhr = dh.data() + static_cast<size_t>(n) * r;
-    for (int o = 0; o < O; ++o) {
-      const T g = s * gr[o];
-      const T* br = B + static_cast<size_t>(o) * r;
-      for (int k = 0; k < r; ++k) dhr[k] += g * br[k];
-    }
-  }
+  // dh = s G B: the input gradient of the same map, scaled.
+  std::vector<T> dh(static_cast<size_t>(N) * r);
+  linear_backward(dh.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), dout, h, B, N, r, O);
+  for (T& v : dh) v *= s;
 
   const size_t nx = static_cast<size_t>(N) * I;
-  if (dA != nullptr) {
-    std::vector<T> xd(nx);
+  std::vector<T> xd;
+  const T* x_tilde = x;
+  if (dropout_p > 0.0f) {
+    xd.resize(nx);
     dropout_forward(xd.data(), x, nx, dropout_p, seed, stream);  // x~, same mask as the forward call
-    linear_backward(static_cast<T*>(nullptr), dA, static_cast<T*>(nullptr), dh.data(), xd.data(), A, N, I, r);
+    x_tilde = xd.data();
+  }
+  // dA += dh^T x~: the weight gradient of h = x~ A^T.
+  if (dA != nullptr) {
+    linear_backward(static_cast<T*>(nullptr), dA, static_cast<T*>(nullptr), dh.data(), x_tilde, A, N, I, r);
   }
 
   if (dx != nullptr) {
-    // Adapter path: dx~ = dh A, then through the dropout mask; base path: G W.
+    // Adapter path: dx~ = dh A, then back through the dropout mask; base path: G W.
     std::vector<T> dxd(nx);
-    linear_backward(dxd.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), dh.data(), x, A, N, I, r);
-    dropout_backward(dxd.data(), dxd.data(), nx, dropout_p, seed, stream);
+    linear_backward(dxd.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), dh.data(), x_tilde, A, N,
+                    I, r);
+    if (dropout_p > 0.0f) dropout_backward(dxd.data(), dxd.data(), nx, dropout_p, seed, stream);
     linear_backward(dx, static_cast<T*>(nullptr), static_cast<T*>(nullptr), dout, x, weight, N, I, O,
                     accumulate_dx);
     for (size_t k = 0; k < nx; ++k) dx[k] += dxd[k];
