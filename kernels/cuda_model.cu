@@ -204,6 +204,20 @@ void nf4_dequantize_host(float* w, const uint8_t* packed, const float* absmax, s
   }
 }
 
+// A temporary device buffer, freed (after the stream has finished with it) when it goes out of scope.
+struct DeviceStage {
+  explicit DeviceStage(cudaStream_t s) : stream(s) {}
+  ~DeviceStage() {
+    if (ptr == nullptr) return;
+    cudaStreamSynchronize(stream);  // errors ignored: a destructor must not throw
+    cudaFree(ptr);
+  }
+  DeviceStage(const DeviceStage&) = delete;
+  DeviceStage& operator=(const DeviceStage&) = delete;
+  cudaStream_t stream;
+  float* ptr = nullptr;
+};
+
 // a and b hold the same values: equal as numbers, or with the same bits (NaN).
 bool same_values(const float* a, const float* b, size_t n) {
   for (size_t j = 0; j < n; ++j) {
@@ -271,10 +285,15 @@ class ModelImpl final : public CudaModel::Impl {
   void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
   bool nf4_quantized() const override { return nf4_ready_; }
   size_t device_offset(const std::string& name) const override {
-    const size_t off = dev_offset_[tensor_index(layout.at(name))];
-    if (off == kNoOffset)
+    const size_t i = tensor_index(layout.at(name));
+    if (nf4_of_tensor_[i] >= 0)
       throw std::invalid_argument(name + " is stored in NF4: it has no fp32 master weights on the device");
-    return off;
+    if (!layout.tensors()[i].trainable) {
+      throw std::invalid_argument(name +
+                                  " is frozen: device_master() holds the trainable tensors only (in bf16 "
+                                  "mode a frozen tensor's fp32 values are kept on the host)");
+    }
+    return dev_offset_[i];
   }
   std::vector<float> download_gradients() const override;
   void upload_gradients(const std::vector<float>& values) override;
@@ -296,11 +315,13 @@ class ModelImpl final : public CudaModel::Impl {
   float* device_master() override { return master_; }
   float* device_gradients() override { return grads_; }
   void* cuda_stream() override { return stream_; }
+  // bf16 mode: the trainable tensors only (the first master_elements_ of both arenas); a frozen tensor's
+  // working copy is written by upload_parameters alone.
   void refresh_working_copy() override {
     if constexpr (kBf16) {
-      const size_t P = dense_elements_;
-      if (P == 0) return;
-      convert_kernel<<<blocks(P), kThreads, 0, stream_>>>(work_, master_, P);
+      const size_t M = master_elements_;
+      if (M == 0) return;
+      convert_kernel<<<blocks(M), kThreads, 0, stream_>>>(work_, master_, M);
       CUDA_CHECK_LAUNCH();
     }
   }
@@ -384,10 +405,17 @@ class ModelImpl final : public CudaModel::Impl {
   std::vector<std::vector<std::string>> layer_names_;
   int Bmax_ = 0, Tmax_ = 0, chunk_rows_ = 0;
 
-  // Parameter, gradient and optimizer arenas. The master and working arenas hold every tensor but the NF4
-  // ones, at dev_offset_ (the layout offsets when nothing is quantised).
-  std::vector<size_t> dev_offset_;  // per layout tensor; kNoOffset for an NF4 tensor
-  size_t dense_elements_ = 0;
+  // Parameter, gradient and optimizer arenas. Every tensor but the NF4 ones has a working copy in work_
+  // at dev_offset_: the trainable tensors first (layout order, so each one's device offset is its
+  // grad_offset), then the frozen dense ones (layout order). bf16 mode: master_ holds the trainable
+  // tensors only (master_elements_ = the first trainable_elements() of the working arena's order, at the
+  // same offsets); a frozen tensor's fp32 values live in host_values_ at host_offset_. fp32 mode:
+  // master_ == work_ holds every dense tensor (master_elements_ == dense_elements_) and host_values_ is
+  // empty. With nothing frozen and nothing quantised the device offsets are the layout offsets.
+  std::vector<size_t> dev_offset_;   // per layout tensor; kNoOffset for an NF4 tensor
+  std::vector<size_t> host_offset_;  // per layout tensor; kNoOffset unless a frozen dense tensor in bf16
+  size_t dense_elements_ = 0, master_elements_ = 0;
+  std::vector<float> host_values_;  // bf16 mode: the exact fp32 values of the frozen dense tensors
   float* master_ = nullptr;
   T* work_ = nullptr;  // == master_ in fp32 mode
   float* grads_ = nullptr;
@@ -528,22 +556,38 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
       }
     }
   }
+  // Device offsets: the trainable tensors first, then the frozen dense ones (see dev_offset_). The
+  // layout is fixed from here on (layout() is const): which tensors train cannot change after
+  // construction.
   dev_offset_.assign(n_tensors, kNoOffset);
-  if (nf4_.empty()) {
-    for (size_t i = 0; i < n_tensors; ++i) dev_offset_[i] = layout.tensors()[i].offset;
-    dense_elements_ = layout.total_elements();
-  } else {
-    for (size_t i = 0; i < n_tensors; ++i) {
-      if (nf4_of_tensor_[i] >= 0) continue;
-      dev_offset_[i] = dense_elements_;
-      dense_elements_ += static_cast<size_t>(layout.tensors()[i].numel);
+  host_offset_.assign(n_tensors, kNoOffset);
+  for (size_t i = 0; i < n_tensors; ++i) {
+    const TensorInfo& t = layout.tensors()[i];
+    if (!t.trainable) continue;
+    if (nf4_of_tensor_[i] >= 0) throw std::logic_error(t.name + " is stored in NF4 and cannot be trainable");
+    dev_offset_[i] = dense_elements_;
+    dense_elements_ += static_cast<size_t>(t.numel);
+  }
+  if (dense_elements_ != layout.trainable_elements())
+    throw std::logic_error("CudaModel: the trainable tensors do not add up to trainable_elements()");
+  size_t host_elements = 0;
+  for (size_t i = 0; i < n_tensors; ++i) {
+    const TensorInfo& t = layout.tensors()[i];
+    if (t.trainable || nf4_of_tensor_[i] >= 0) continue;
+    dev_offset_[i] = dense_elements_;
+    dense_elements_ += static_cast<size_t>(t.numel);
+    if constexpr (kBf16) {
+      host_offset_[i] = host_elements;
+      host_elements += static_cast<size_t>(t.numel);
     }
   }
+  master_elements_ = kBf16 ? layout.trainable_elements() : dense_elements_;
+  host_values_.assign(host_elements, 0.0f);
 
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  const size_t P = dense_elements_, G = layout.trainable_elements();
+  const size_t P = dense_elements_, M = master_elements_, G = layout.trainable_elements();
   master_ = static_cast<float*>(
-      device_alloc(P * sizeof(float), "fp32 master weights", "use a smaller model or another GPU"));
+      device_alloc(M * sizeof(float), "fp32 master weights", "use a smaller model or another GPU"));
   if constexpr (kBf16) {
     work_ = static_cast<T*>(device_alloc(P * sizeof(T), "bf16 working weights", "use a smaller model"));
   } else {
@@ -727,7 +771,10 @@ template <typename T>
 MemoryPlan ModelImpl<T>::memory_plan() const {
   MemoryPlan p;
   const size_t P = dense_elements_, G = layout.trainable_elements();
-  p.parameters = P * sizeof(float) + (kBf16 ? P * sizeof(T) : 0);
+  // Bytes per dense (non-NF4) parameter on the device. bf16 mode: 2 (bf16 working copy) for every one,
+  // plus 4 (fp32 master) for a trainable one: 6 trainable, 2 frozen (its fp32 values stay on the host).
+  // fp32 mode: 4 (the working copy is the master).
+  p.parameters = kBf16 ? P * sizeof(T) + master_elements_ * sizeof(float) : P * sizeof(float);
   p.gradients = G * sizeof(float);
   p.optimizer_state = adam_m_ ? 2 * G * sizeof(float) : 0;
   p.activations = activation_bytes_;
@@ -750,12 +797,6 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
     throw std::invalid_argument("parameter count " + std::to_string(values.size()) +
                                 " does not match the model's " + std::to_string(P));
   }
-  if (nf4_.empty()) {
-    CUDA_CHECK(cudaMemcpyAsync(master_, values.data(), P * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    refresh_working_copy();
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return;
-  }
   // NF4 tensors: before quantisation their values wait on the host; afterwards the codes stay, and only
   // the current dequantised values are accepted (checked before anything changes).
   if (nf4_ready_) {
@@ -773,18 +814,48 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
       }
     }
   }
+  // bf16 mode, frozen dense tensors: the exact values into the host copy, and the working copy
+  // converted on the device (convert_kernel, as refresh_working_copy converts the trainable ones) from a
+  // staging buffer of at most kStageElements floats, freed on return.
+  constexpr size_t kStageElements = size_t{1} << 22;  // 16 MB
+  DeviceStage stage(stream_);
+  size_t stage_elements = 0;
+  if constexpr (kBf16) {
+    for (size_t i = 0; i < layout.tensors().size(); ++i)
+      if (host_offset_[i] != kNoOffset)
+        stage_elements = std::max(stage_elements, static_cast<size_t>(layout.tensors()[i].numel));
+    stage_elements = std::min(stage_elements, kStageElements);
+    stage.ptr = static_cast<float*>(
+        device_alloc(stage_elements * sizeof(float), "parameter upload staging", "use a smaller model"));
+  }
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     const TensorInfo& t = layout.tensors()[i];
     const size_t n = static_cast<size_t>(t.numel);
+    const float* src = values.data() + t.offset;
     if (nf4_of_tensor_[i] >= 0) {
       if (!nf4_ready_) {
         const Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
-        std::copy(values.begin() + t.offset, values.begin() + t.offset + n, nf4_pending_.begin() + s.pending);
+        std::copy(src, src + n, nf4_pending_.begin() + s.pending);
       }
       continue;
     }
-    CUDA_CHECK(cudaMemcpyAsync(master_ + dev_offset_[i], values.data() + t.offset, n * sizeof(float),
-                               cudaMemcpyHostToDevice, stream_));
+    if (host_offset_[i] == kNoOffset) {  // a device master (every dense tensor in fp32 mode)
+      CUDA_CHECK(
+          cudaMemcpyAsync(master_ + dev_offset_[i], src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      continue;
+    }
+    if constexpr (kBf16) {
+      std::copy(src, src + n, host_values_.begin() + host_offset_[i]);
+      // Each chunk's copy into the staging buffer is ordered after the previous chunk's conversion on
+      // the stream.
+      for (size_t done = 0; done < n; done += stage_elements) {
+        const size_t m = std::min(stage_elements, n - done);
+        CUDA_CHECK(
+            cudaMemcpyAsync(stage.ptr, src + done, m * sizeof(float), cudaMemcpyHostToDevice, stream_));
+        convert_kernel<<<blocks(m), kThreads, 0, stream_>>>(work_ + dev_offset_[i] + done, stage.ptr, m);
+        CUDA_CHECK_LAUNCH();
+      }
+    }
   }
   refresh_working_copy();
   CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -793,18 +864,17 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
 template <typename T>
 std::vector<float> ModelImpl<T>::download_parameters() const {
   std::vector<float> out(layout.total_elements());
-  if (nf4_.empty()) {
-    CUDA_CHECK(
-        cudaMemcpyAsync(out.data(), master_, out.size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return out;
-  }
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     if (nf4_of_tensor_[i] >= 0) continue;
     const TensorInfo& t = layout.tensors()[i];
-    CUDA_CHECK(cudaMemcpyAsync(out.data() + t.offset, master_ + dev_offset_[i],
-                               static_cast<size_t>(t.numel) * sizeof(float), cudaMemcpyDeviceToHost,
-                               stream_));
+    const size_t n = static_cast<size_t>(t.numel);
+    if (host_offset_[i] != kNoOffset) {  // frozen, bf16 mode: the host copy
+      std::copy(host_values_.begin() + host_offset_[i], host_values_.begin() + host_offset_[i] + n,
+                out.begin() + t.offset);
+    } else {
+      CUDA_CHECK(cudaMemcpyAsync(out.data() + t.offset, master_ + dev_offset_[i], n * sizeof(float),
+                                 cudaMemcpyDeviceToHost, stream_));
+    }
   }
   // The NF4 tensors: their dequantised values (bit for bit the CPU model's), or the values waiting for
   // quantisation.
@@ -940,8 +1010,9 @@ void ModelImpl<T>::adamw_step(double lr, int64_t step) {
   for (size_t t = 0; t < trainable_.size(); ++t) {
     const TensorInfo& info = *trainable_[t];
     const size_t n = static_cast<size_t>(info.numel);
-    const size_t off = dev_offset_[tensor_index(info)];  // trainable tensors are never NF4
-    T* working = kBf16 ? work_ + off : nullptr;          // fp32 mode: the master copy is the working copy
+    // Trainable tensors are never NF4 and sit at the same offset in the master and working arenas.
+    const size_t off = dev_offset_[tensor_index(info)];
+    T* working = kBf16 ? work_ + off : nullptr;  // fp32 mode: the master copy is the working copy
     adamw_update(working, master_ + off, adam_m_ + info.grad_offset, adam_v_ + info.grad_offset,
                  grads_ + info.grad_offset, static_cast<const float*>(nullptr), n,
                  static_cast<float>(lr * adam_.lr_scale[t]), static_cast<float>(adam_.beta1),

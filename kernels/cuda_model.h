@@ -3,13 +3,23 @@
 // written with the CUDA kernels of kernels/*.cuh. This header is plain C++ (no CUDA types), so that code
 // in train/ can include it; everything CUDA lives in kernels/cuda_model.cu.
 //
-// Storage. Parameters are kept twice: fp32 master weights (what the optimizer updates and what
-// download_parameters returns) and a working copy in the storage type (bf16 in training; in the fp32
-// test mode the working copy IS the master copy). Gradients are fp32 and accumulate (+=). Activations
-// live in one device arena planned from the config, the batch and the sequence length before any work
-// (the same per-layer sizes as llm/memory_plan.h, except that the flash path saves the per-row
-// log-sum-exp instead of the probabilities). The LM head and the cross-entropy run in the fused,
-// chunked classifier, so the full [N, V] logits never exist.
+// Storage. Every dense parameter has a working copy in the storage type on the device (bf16 in
+// training). A trainable parameter also has an fp32 master copy on the device (what the optimizers
+// update and download_parameters returns). A frozen one (trainable == false: the base under LoRA) has
+// no fp32 copy on the device in bf16 mode: its exact uploaded fp32 values are kept in host memory (what
+// download_parameters returns, so checkpoints stay bit for bit the CPU backend's), and its bf16 working
+// copy is written by upload_parameters only. Device bytes per dense parameter in bf16 mode: 6 trainable
+// (4 master + 2 working), 2 frozen; memory_plan().parameters counts exactly these. In the fp32 test mode
+// the working copy IS the master copy, for frozen tensors too (4 bytes each, nothing on the host). The
+// trainable tensors come first in both device arenas (layout order, so that a trainable tensor's device
+// offset is its grad_offset), then the frozen dense tensors (working arena only in bf16 mode). Which
+// tensors train is fixed at construction (layout() is const; nothing here calls set_trainable).
+//
+// Gradients are fp32 and accumulate (+=). Activations live in one device arena planned from the
+// config, the batch and the sequence length before any work (the same per-layer sizes as
+// llm/memory_plan.h, except that the flash path saves the per-row log-sum-exp instead of the
+// probabilities). The LM head and the cross-entropy run in the fused, chunked classifier, so the full
+// [N, V] logits never exist.
 //
 // Attention path: the flash kernels when head_dim is 64 or 128, else the simple kernels (which save
 // the fp32 probabilities, as the CPU reference does).
@@ -29,9 +39,9 @@
 // QLoRA (options.quant.nf4, needs LoRA). Every tensor of nf4_quantized_tensors(config) (the decoder
 // layers' linear weights) exists on the device only in NF4: packed codes (n/2 bytes) and, with double
 // quantisation, the 8-bit absmax codes plus one fp32 scale per 256 blocks (bitsandbytes' layout; about
-// 0.516 bytes per weight), else the fp32 absmax (0.5625). Those weights have no fp32 master and no bf16
-// working copy: the master/working arenas hold the other tensors only, at "device offsets"
-// (device_offset(name); equal to the layout offsets when nothing is quantised). A quantised layer
+// 0.516 bytes per weight), else the fp32 absmax (0.5625). Those weights have no fp32 master, no bf16
+// working copy and no host copy beyond their codes: the arenas hold the other tensors only, at "device
+// offsets" (equal to the layout offsets only when nothing is frozen or quantised). A quantised layer
 // dequantises its absmax (double quantisation: nf4_double_dequantize, each call; a few KB) and then its
 // weight into one scratch buffer of T sized for the largest quantised matrix, shared by all layers, and
 // runs the cuBLASLt GEMM (nf4_linear_forward / nf4_linear_backward_input, kernels/nf4.cuh).
@@ -92,7 +102,8 @@ class CudaModel {
   // Bytes per kind on the device (optimizer state included once adamw_init has run).
   MemoryPlan memory_plan() const;
 
-  // Host float vectors in ParameterLayout order (total_elements()). Upload sets master and working copy.
+  // Host float vectors in ParameterLayout order (total_elements()). Upload sets the master (device, or
+  // host for a frozen tensor in bf16 mode) and the working copy; download returns the masters.
   // QLoRA: before quantize_base_nf4 the values of the quantised tensors wait on the host (forward refuses
   // to run); afterwards download returns their dequantised values (bit for bit the CPU model's), and upload
   // keeps the NF4 codes: it only accepts, for those tensors, exactly the current dequantised values (a
@@ -157,11 +168,13 @@ class CudaModel {
   void synchronize() const;
 
   // For optimizers that run outside this class (kernels/cuda_optimizers.h): device pointers to the fp32
-  // master weights (at device_offset(name), which is the layout offset unless NF4 tensors are left out)
-  // and fp32 gradients (grad offsets), the cudaStream_t all work runs on, and the refresh of the working
-  // copy after the master weights were changed directly.
+  // master weights of the trainable tensors (at device_offset(name), which equals the tensor's
+  // grad_offset) and fp32 gradients (grad offsets), the cudaStream_t all work runs on, and the refresh of
+  // the working copy after the master weights were changed directly (trainable tensors only: frozen ones
+  // never change after upload).
   float* device_master();
-  // Element offset of tensor `name` in device_master(); throws std::invalid_argument for an NF4 tensor.
+  // Element offset of trainable tensor `name` in device_master(); throws std::invalid_argument for a
+  // frozen tensor (NF4 or dense), which has no place in the optimizers' view of the master weights.
   size_t device_offset(const std::string& name) const;
   float* device_gradients();
   void* cuda_stream();

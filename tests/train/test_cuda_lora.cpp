@@ -12,8 +12,14 @@
 //     bit; forward refuses to run before quantisation; uploading the current values again is accepted
 //     (resume) and a changed NF4 weight is refused;
 //   - bf16 mode: LoRA and QLoRA within 2e-2;
+//   - bf16 mode, frozen base without fp32 masters on the device: values that bf16 cannot hold, written
+//     and read back, are bitwise the written ones (the host copy), and evaluation follows the CPU (the
+//     working copy was converted); device_offset is each adapter's grad_offset and throws for frozen
+//     tensors; a few AdamW (fused, writes the working copy) and Lion (refresh_working_copy) steps leave
+//     the frozen base bitwise the CPU's and the adapters and the loss within 2e-2 of the CPU's;
 //   - the memory plan: NF4 bytes per base parameter between 0.5 and 0.53, and `parameters` smaller than
-//     the same model's without quantisation;
+//     the same model's without quantisation; `parameters` is exactly 2 bytes per dense parameter plus 4
+//     per trainable one in bf16 mode (4 per dense parameter in fp32 mode);
 //   - run_sft with "device": "cuda" (bf16) on a tiny inline model and the built-in data, LoRA and QLoRA:
 //     every logged loss within 2e-2 relative of the CPU run's; and a QLoRA run re-run from its step-2
 //     checkpoint ends with bitwise the parameters of the uninterrupted run.
@@ -367,13 +373,168 @@ TEST(CudaLora, MemoryPlanCountsNf4InsteadOfDenseBaseWeights) {
     EXPECT_GE(per_param, 0.5);
     EXPECT_LE(per_param, 0.53);
     EXPECT_LT(b.parameters, a.parameters);
-    const size_t bytes_per_dense = p == Precision::kBf16 ? 6 : 4;  // fp32 master (+ bf16 working copy)
-    EXPECT_EQ(a.parameters - b.parameters, quantised * bytes_per_dense);
+    // A quantised tensor is frozen: under LoRA its dense form had the bf16 working copy only (bf16
+    // mode), or the fp32 working copy that is its master (fp32 mode).
+    const size_t bytes_per_frozen = p == Precision::kBf16 ? 2 : 4;
+    EXPECT_EQ(a.parameters - b.parameters, quantised * bytes_per_frozen);
     EXPECT_EQ(b.gradients, a.gradients);
     // The CPU model counts the same NF4 bytes.
     CpuBackend cpu(c, opt, backend_options(2, 12, lora_settings(0.05), true, true));
     EXPECT_EQ(cpu.memory_plan().nf4_base, b.nf4_base);
     EXPECT_EQ(cpu.memory_plan().nf4_params, b.nf4_params);
+  }
+}
+
+// Device bytes of the parameters: bf16 mode, 2 per dense (non-NF4) parameter (the bf16 working copy)
+// plus 4 per trainable one (its fp32 master; frozen tensors keep theirs on the host); fp32 mode, 4 per
+// dense parameter (the working copy is the master).
+TEST(CudaLora, MemoryPlanHasNoFp32MastersForTheFrozenBase) {
+  SKIP_WITHOUT_GPU();
+  OptimizerConfig opt;
+  for (const ModelConfig& c : {llama_like(), gpt_like()}) {
+    for (bool nf4 : {false, true}) {
+      for (Precision p : {Precision::kBf16, Precision::kFp32}) {
+        SCOPED_TRACE(std::string(nf4 ? "QLoRA, " : "LoRA, ") + llm::cuda::precision_name(p));
+        CudaBackend gpu(c, opt, backend_options(2, 12, lora_settings(0.0), nf4), p);
+        size_t quantised = 0;
+        if (nf4) {
+          for (const std::string& name : llm::nf4_quantized_tensors(c))
+            quantised += static_cast<size_t>(gpu.layout().at(name).numel);
+        }
+        const size_t dense = gpu.layout().total_elements() - quantised;
+        const size_t trainable = gpu.layout().trainable_elements();
+        ASSERT_GT(trainable, 0u);
+        ASSERT_LT(trainable, dense);
+        const llm::MemoryPlan plan = gpu.model().memory_plan();
+        if (p == Precision::kBf16) {
+          EXPECT_EQ(plan.parameters, 2 * dense + 4 * trainable);
+        } else {
+          EXPECT_EQ(plan.parameters, 4 * dense);
+        }
+        EXPECT_EQ(plan.gradients, 4 * trainable);
+        // The backend adds optimizer state and scratch, never parameter bytes.
+        EXPECT_EQ(gpu.memory_plan().parameters, plan.parameters);
+      }
+    }
+  }
+}
+
+// Whether x has bits below bf16's 7-bit mantissa (so a bf16 copy could not give it back).
+bool beyond_bf16(float x) {
+  uint32_t bits = 0;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0xFFFFu) != 0;
+}
+
+// In bf16 mode the frozen tensors have no fp32 master on the device: their exact values are kept on the
+// host, and their bf16 working copy is converted at upload.
+TEST(CudaLora, Bf16FrozenTensorsReadBackBitwiseFromTheHostCopy) {
+  SKIP_WITHOUT_GPU();
+  OptimizerConfig opt;
+  for (const ModelConfig& c : {llama_like(), gpt_like()}) {
+    for (bool nf4 : {false, true}) {
+      SCOPED_TRACE(nf4 ? "QLoRA" : "LoRA");
+      const BackendOptions o = backend_options(2, 12, lora_settings(0.0), nf4);
+      CpuBackend cpu(c, opt, o);
+      CudaBackend gpu(c, opt, o, Precision::kBf16);
+      // Every value moved by a random amount that bf16 cannot represent (before NF4 quantisation, when the
+      // NF4 tensors' values still wait on the host), adapters B included.
+      std::vector<float> values = cpu.read_parameters();
+      std::mt19937 rng(11);
+      std::normal_distribution<float> normal(0.0f, 0.01f);
+      for (float& v : values) v += normal(rng);
+      size_t frozen_beyond = 0;
+      for (const auto& t : gpu.layout().tensors()) {
+        if (t.trainable) continue;
+        for (int64_t i = 0; i < t.numel; ++i) frozen_beyond += beyond_bf16(values[t.offset + i]) ? 1 : 0;
+      }
+      ASSERT_GT(frozen_beyond, 0u);
+      cpu.write_parameters(values);
+      gpu.write_parameters(values);
+      EXPECT_TRUE(same_bits(values, gpu.read_parameters()));
+      if (nf4) {
+        cpu.quantize_base_nf4();
+        gpu.quantize_base_nf4();
+        const std::vector<float> pc = cpu.read_parameters(), pg = gpu.read_parameters();
+        EXPECT_TRUE(same_bits(pc, pg));
+        // The dense tensors (frozen or not) are still exactly the written values.
+        const std::vector<std::string> quantised = llm::nf4_quantized_tensors(c);
+        for (const auto& t : gpu.layout().tensors()) {
+          if (std::find(quantised.begin(), quantised.end(), t.name) != quantised.end()) continue;
+          EXPECT_EQ(std::memcmp(pg.data() + t.offset, values.data() + t.offset,
+                                static_cast<size_t>(t.numel) * sizeof(float)),
+                    0)
+              << t.name;
+        }
+        values = pc;
+      }
+      // Writing the same values again (a resume) changes nothing.
+      gpu.write_parameters(values);
+      EXPECT_TRUE(same_bits(values, gpu.read_parameters()));
+      // The optimizers' view: trainable tensors at their grad offsets, frozen ones refused.
+      for (const auto& t : gpu.layout().tensors()) {
+        if (t.trainable) {
+          EXPECT_EQ(gpu.model().device_offset(t.name), t.grad_offset) << t.name;
+        } else {
+          EXPECT_THROW(gpu.model().device_offset(t.name), std::invalid_argument) << t.name;
+        }
+      }
+      // The working copy follows the written values: evaluation agrees with the CPU within bf16 error.
+      const Batch batch = random_batch(2, 12, c.vocab_size, 21);
+      const double ec = cpu.evaluate(batch.view(false));
+      EXPECT_NEAR(gpu.evaluate(batch.view(false)), ec, kBf16Tolerance * std::fabs(ec));
+    }
+  }
+}
+
+// A few optimizer steps in bf16 mode: AdamW (the model's fused step, which writes the working copy) and
+// Lion (master weights updated by the optimizer, then refresh_working_copy) touch only the adapters.
+TEST(CudaLora, Bf16StepsLeaveTheFrozenBaseBitwiseAndFollowTheCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = llama_like();
+  for (const char* optimizer : {"adamw", "lion"}) {
+    for (bool nf4 : {false, true}) {
+      SCOPED_TRACE(std::string(optimizer) + (nf4 ? ", QLoRA" : ", LoRA"));
+      OptimizerConfig opt;
+      opt.name = optimizer;
+      const BackendOptions o = backend_options(2, 12, lora_settings(0.0), nf4);
+      CpuBackend cpu(c, opt, o);
+      CudaBackend gpu(c, opt, o, Precision::kBf16);
+      randomise_lora_b(cpu, gpu);
+      if (nf4) {
+        cpu.quantize_base_nf4();
+        gpu.quantize_base_nf4();
+      }
+      const std::vector<float> p0 = gpu.read_parameters();
+      ASSERT_TRUE(same_bits(cpu.read_parameters(), p0));
+      for (int step = 1; step <= 3; ++step) {
+        const Batch batch = random_batch(2, 12, c.vocab_size, 40 + step);
+        cpu.zero_grad();
+        gpu.zero_grad();
+        const double lc = cpu.forward_backward(batch.view(true), 1.0, step);
+        const double lg = gpu.forward_backward(batch.view(true), 1.0, step);
+        EXPECT_NEAR(lg, lc, kBf16Tolerance * std::fabs(lc)) << "step " << step;
+        cpu.optimizer_step(1e-3, step);
+        gpu.optimizer_step(1e-3, step);
+      }
+      const std::vector<float> pc = cpu.read_parameters(), pg = gpu.read_parameters();
+      for (const auto& t : gpu.layout().tensors()) {
+        const size_t n = static_cast<size_t>(t.numel);
+        if (!t.trainable) {
+          // Unchanged, and so the CPU's: checkpoints of the base are equal across backends.
+          EXPECT_EQ(std::memcmp(pg.data() + t.offset, p0.data() + t.offset, n * sizeof(float)), 0) << t.name;
+          EXPECT_EQ(std::memcmp(pg.data() + t.offset, pc.data() + t.offset, n * sizeof(float)), 0) << t.name;
+        } else {
+          EXPECT_NE(std::memcmp(pg.data() + t.offset, p0.data() + t.offset, n * sizeof(float)), 0)
+              << t.name << " did not train";
+          EXPECT_LT(l2_rel(pc.data() + t.offset, pg.data() + t.offset, n), kBf16Tolerance) << t.name;
+        }
+      }
+      // The adapters' working copy was refreshed: evaluation after the steps follows the CPU.
+      const Batch eval = random_batch(2, 12, c.vocab_size, 99);
+      const double ec = cpu.evaluate(eval.view(true));
+      EXPECT_NEAR(gpu.evaluate(eval.view(true)), ec, kBf16Tolerance * std::fabs(ec));
+    }
   }
 }
 
