@@ -183,4 +183,13 @@ ParameterCount count_parameters(const ModelConfig& c) {
   return n;
 }
 
+double training_flops_per_token(const ModelConfig& c, int seq_len) {
+  const ParameterCount n = count_parameters(c);
+  const double matmul_params =
+      static_cast<double>(n.attention + n.mlp) + static_cast<double>(c.vocab_size) * c.d_model;
+  const double attention =
+      12.0 * c.n_layers * c.n_heads * c.resolved_head_dim() * static_cast<double>(seq_len);
+  return 6.0 * matmul_params + attention;
+}
+
 }  // namespace llm

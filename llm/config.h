@@ -68,4 +68,9 @@ struct ParameterCount {
 };
 ParameterCount count_parameters(const ModelConfig& config);
 
+// Training FLOPs per token for MFU: 6 N + 12 L H Q T, with N the parameters that take part in matrix
+// products (all but the input embedding lookup; a tied LM head counts once), L layers, H heads, Q the head
+// dimension and T the sequence length (the forward and backward of the attention scores and values).
+double training_flops_per_token(const ModelConfig& config, int seq_len);
+
 }  // namespace llm

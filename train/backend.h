@@ -57,6 +57,8 @@ class TrainBackend {
   virtual std::vector<StateBuffer> optimizer_state() = 0;
   virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
   virtual std::string optimizer_name() const = 0;
+  // The hardware's peak rate in FLOP/s for MFU (the GPU's dense bf16 rate), or 0 when not known (the CPU).
+  virtual double peak_flops() const { return 0.0; }
 
   // QLoRA: quantises the base weights the backend holds now (every tensor of nf4_quantized_tensors) to
   // NF4, as llm::Model::quantize_base_nf4 does; call it after the base weights are written. The CPU and

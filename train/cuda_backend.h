@@ -29,6 +29,7 @@
 #include <string>
 
 #include "kernels/cuda_model.h"
+#include "kernels/cuda_runtime.h"
 #include "train/backend.h"
 #include "train/cpu_backend.h"
 
@@ -65,6 +66,7 @@ class CudaBackend : public TrainBackend {
   std::vector<StateBuffer> optimizer_state() override;
   void load_optimizer_state(const std::vector<StateBuffer>& state) override;
   std::string optimizer_name() const override { return optimizer_name_; }
+  double peak_flops() const override { return cuda::peak_bf16_flops(); }
   // QLoRA: see CudaModel::quantize_base_nf4 (with llm::nf4_quantize_weights).
   void quantize_base_nf4() override;
 

@@ -262,7 +262,8 @@ RunResult Trainer::run(const RunOptions& options) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_time).count();
   };
   int64_t window_tokens = 0;
-  double window_start = 0.0;
+  double window_start = 0.0, window_flops = 0.0;
+  const double peak_flops = backend_.peak_flops();
 
   while (step < max_steps) {
     const int64_t next_step = step + 1;
@@ -275,6 +276,8 @@ RunResult Trainer::run(const RunOptions& options) {
       const uint64_t counter = static_cast<uint64_t>(step) * accumulation + micro;
       loss += backend_.forward_backward(view_of(batch), 1.0 / accumulation, counter) / accumulation;
       step_tokens += batch.num_tokens;
+      window_flops +=
+          static_cast<double>(batch.num_tokens) * training_flops_per_token(config_.model, batch.T);
       data_state_ = batch.state_after;
     }
     double norm = backend_.grad_norm();
@@ -306,13 +309,17 @@ RunResult Trainer::run(const RunOptions& options) {
     if (step % config_.log_every == 0 || step == max_steps) {
       const double now = elapsed();
       const double tokens_per_s = window_tokens / std::max(1e-9, now - window_start);
+      const double flops_per_s = window_flops / std::max(1e-9, now - window_start);
+      char mfu[32] = "";
+      if (peak_flops > 0.0)
+        std::snprintf(mfu, sizeof(mfu), " | MFU %.1f%%", 100.0 * flops_per_s / peak_flops);
       const double eta =
           (now / static_cast<double>(step - result.start_step)) * static_cast<double>(max_steps - step);
       if (options.print) {
         std::printf(
-            "step %6lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | %s elapsed | ETA %s\n",
-            (long long)step, (long long)max_steps, loss, lr, norm, tokens_per_s, format_duration(now).c_str(),
-            format_duration(eta).c_str());
+            "step %6lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | %s elapsed | ETA %s\n",
+            (long long)step, (long long)max_steps, loss, lr, norm, tokens_per_s, mfu,
+            format_duration(now).c_str(), format_duration(eta).c_str());
         std::fflush(stdout);
       }
       log_metrics({{"step", step},
@@ -320,9 +327,11 @@ RunResult Trainer::run(const RunOptions& options) {
                    {"lr", lr},
                    {"grad_norm", norm},
                    {"tokens_per_s", tokens_per_s},
+                   {"model_flops_per_s", flops_per_s},
                    {"tokens_seen", tokens_seen_},
                    {"elapsed_s", now}});
       window_tokens = 0;
+      window_flops = 0.0;
       window_start = now;
     }
     const bool last = step == max_steps;
@@ -343,10 +352,12 @@ RunResult Trainer::run(const RunOptions& options) {
         result.stopped_on_nonfinite = true;
         break;
       }
-      if (config_.early_stopping_patience > 0 && evals_without_improvement_ >= config_.early_stopping_patience) {
+      if (config_.early_stopping_patience > 0 &&
+          evals_without_improvement_ >= config_.early_stopping_patience) {
         if (options.print) {
-          std::printf("step %6lld/%lld | early stopping: %d evaluations without a new best (best val loss %.4f)\n",
-                      (long long)step, (long long)max_steps, evals_without_improvement_, best_val_loss_);
+          std::printf(
+              "step %6lld/%lld | early stopping: %d evaluations without a new best (best val loss %.4f)\n",
+              (long long)step, (long long)max_steps, evals_without_improvement_, best_val_loss_);
         }
         result.early_stopped = true;
         if (!save("latest.ckpt", step, result)) result.stopped_on_nonfinite = true;

@@ -56,6 +56,23 @@ TEST(Config, ParameterCountMatchesQwen25HalfB) {
   EXPECT_EQ(llm::ParameterLayout(c).total_elements(), 494032768u);
 }
 
+// 6 N + 12 L H Q T, counted by hand for a small config: per layer Q 8x8, K and V 4x8, O 8x8 (192) and a
+// gated MLP 3x8x12 (288); two layers and an 11x8 head give N = 1048; attention 12 x 2 x 2 x 4 x T.
+TEST(Config, TrainingFlopsPerToken) {
+  llm::ModelConfig c;
+  c.vocab_size = 11;
+  c.d_model = 8;
+  c.n_heads = 2;
+  c.n_kv_heads = 1;
+  c.attention_type = "gqa";
+  c.d_ff = 12;
+  c.n_layers = 2;
+  c.max_seq_len = 16;
+  EXPECT_DOUBLE_EQ(llm::training_flops_per_token(c, 5), 6.0 * 1048 + 12.0 * 2 * 2 * 4 * 5);
+  c.tie_word_embeddings = false;  // the head is a matmul either way: the same count
+  EXPECT_DOUBLE_EQ(llm::training_flops_per_token(c, 5), 6.0 * 1048 + 12.0 * 2 * 2 * 4 * 5);
+}
+
 TEST(Config, ParameterCountAgreesWithLayoutAcrossOptions) {
   for (const char* text :
        {R"({"norm_type": "layernorm", "activation": "gelu", "positional_encoding": "learned"})",
