@@ -115,13 +115,8 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
 }
 
 SftConfig load_sft_config(const std::string& path, const std::vector<std::string>& overrides) {
-  json object = parse_json_file(path);
-  for (const auto& assignment : overrides) {
-    if (!object.is_object()) break;  // reported by the reader
-    apply_override(object, assignment);
-  }
-  const size_t slash = path.find_last_of('/');
-  const std::string base_dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  std::string base_dir;
+  const json object = read_config_file(path, overrides, base_dir);
   return sft_config_from_json(object, path, base_dir);
 }
 

@@ -25,8 +25,8 @@ struct SftConfig {
   data::SftOptions data;                              // chat template, masking, max_length, ...
   bool packing = false;
 
-  double num_train_epochs = 0.0;    // > 0: max_steps follows from the epochs (unless max_steps is given)
-  double warmup_ratio = 0.0;        // > 0: warmup_steps = ceil(warmup_ratio * max_steps)
+  double num_train_epochs = 0.0;  // > 0: max_steps follows from the epochs (unless max_steps is given)
+  double warmup_ratio = 0.0;      // > 0: warmup_steps = ceil(warmup_ratio * max_steps)
 
   LoraSettings lora;
   QuantSettings quant;

@@ -142,14 +142,21 @@ TrainConfig train_config_from_json(const json& object, const std::string& origin
   return c;
 }
 
-TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
+json read_config_file(const std::string& path, const std::vector<std::string>& overrides,
+                      std::string& base_dir) {
   json object = parse_json_file(path);
   for (const auto& assignment : overrides) {
     if (!object.is_object()) break;  // reported by the reader
     apply_override(object, assignment);
   }
   const size_t slash = path.find_last_of('/');
-  const std::string base_dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  base_dir = slash == std::string::npos ? "." : path.substr(0, slash);
+  return object;
+}
+
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::string base_dir;
+  const json object = read_config_file(path, overrides, base_dir);
   return train_config_from_json(object, path, base_dir);
 }
 

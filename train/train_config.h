@@ -75,6 +75,11 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 TrainConfig train_config_from_json(const json& object, const std::string& origin,
                                    const std::string& base_dir = ".");
 
+// The JSON object of a config file with the --set overrides applied; base_dir receives the file's folder
+// (relative paths in the config are resolved against it). Throws ConfigError naming the file.
+json read_config_file(const std::string& path, const std::vector<std::string>& overrides,
+                      std::string& base_dir);
+
 // The keys every training loop shares (optimisation, schedule, evaluation, logging, checkpoints,
 // samples, seed, device), read into `c` and checked; the SFT config (train/sft_config.h) uses them too.
 void read_training_keys(KeyReader& r, TrainConfig& c);

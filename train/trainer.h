@@ -32,7 +32,7 @@ struct RunResult {
   std::vector<double> losses;  // train loss of every step taken in this run
   double last_val_loss = NAN, best_val_loss = NAN;
   bool stopped_on_nonfinite = false;
-  bool early_stopped = false;  // early_stopping_patience evaluations passed without a new best
+  bool early_stopped = false;   // early_stopping_patience evaluations passed without a new best
   std::string last_checkpoint;  // "" when none was written
 };
 
