@@ -337,6 +337,42 @@ void run_example_config(const std::string& name, bool nf4) {
   fs::remove_all(out);
 }
 
+// Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and no adapter
+// folder is written.
+TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
+  llm::ModelConfig config;
+  const std::string base = small_hf_folder(config);
+  const std::string out = temp_dir("full");
+  json c{{"base_model", base},      {"max_length", 96},
+         {"batch_size", 4},         {"gradient_accumulation_steps", 1},
+         {"max_steps", 8},          {"lr", 3e-3},
+         {"warmup_steps", 1},       {"packing", true},
+         {"eval_every", 0},         {"save_every", 4},
+         {"save_best_only", false}, {"val_fraction", 0.0},
+         {"log_every", 1},          {"output_dir", out},
+         {"device", "cpu"}};
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(c, "full.json"), quiet()), 0);
+  std::ifstream metrics(out + "/metrics.jsonl");
+  std::vector<double> losses;
+  for (std::string line; std::getline(metrics, line);)
+    losses.push_back(json::parse(line).at("loss").get<double>());
+  ASSERT_EQ(losses.size(), 8u);
+  EXPECT_LT(losses.back(), losses.front());
+  // Every tensor moved from the base's values (all are trainable), and there are no adapters.
+  const std::vector<float> start = llm::load_hf_parameters(base, config);
+  const std::vector<float> end = checkpoint_params(out + "/latest.ckpt");
+  ASSERT_EQ(start.size(), end.size());
+  const llm::ParameterLayout layout(config);
+  for (const auto& t : layout.tensors()) {
+    bool moved = false;
+    for (int64_t i = 0; i < t.numel && !moved; ++i) moved = start[t.offset + i] != end[t.offset + i];
+    EXPECT_TRUE(moved) << t.name;
+  }
+  EXPECT_FALSE(fs::exists(out + "/final_lora_adapters"));
+  fs::remove_all(base);
+  fs::remove_all(out);
+}
+
 TEST(SftTraining, QloraR64ExampleConfigRunsAndItsAdapterMerges) {
   run_example_config("sft_qlora_r64.json", true);
 }
