@@ -451,8 +451,6 @@ class ModelImpl final : public CudaModel::Impl {
   float *rope_cos_ = nullptr, *rope_sin_ = nullptr, *alibi_ = nullptr;
   T* sinusoidal_ = nullptr;
 
-  T* norm_discard_ = nullptr;  // where a frozen norm's weight gradient goes (the kernel always writes one)
-
   // LoRA.
   std::vector<LoraModule> lora_modules_;
   std::vector<std::vector<int>> lora_index_;  // [layer][layer::Tensor] -> index into lora_modules_, or -1
@@ -623,8 +621,6 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
       device_alloc(bytes, "activation arena", "lower batch_size or seq_len, or set \"recompute\": true"));
   arena_bytes_ = bytes;
   plan(arena_, &bytes);
-  CUDA_CHECK(cudaMemsetAsync(norm_discard_, 0,
-                             std::max(config.d_model, config.resolved_head_dim()) * sizeof(T), stream_));
 
   // Fixed tables.
   const int maxT = config.max_seq_len;
@@ -742,7 +738,6 @@ void ModelImpl<T>::plan(char* base, size_t* bytes) {
     if (positions_train) grad_tmp_elems_ = std::max(grad_tmp_elems_, static_cast<size_t>(c.max_seq_len) * C);
     grad_tmp_ = k.take<T>(grad_tmp_elems_);
   }
-  norm_discard_ = k.take<T>(static_cast<size_t>(std::max(C, D)));
   if (!lora_modules_.empty()) {
     lora_dh_ = k.take<T>(N * static_cast<size_t>(options.lora.r));
     if (options.lora.dropout > 0.0) lora_work_ = k.take<T>(N * static_cast<size_t>(lora_max_in_));
@@ -1098,9 +1093,7 @@ void ModelImpl<T>::norm_backward(const std::string& prefix, T* dx, const T* dout
     tw = gw;
     tb = gb;
   }
-  // A frozen norm weight (LoRA): the kernels always write a weight gradient, so it goes to a discard
-  // buffer (a frozen bias's is simply skipped).
-  if (tw == nullptr) tw = norm_discard_;
+  // A frozen norm (LoRA): null weight and bias gradients, and the kernels compute dx only.
   if (layernorm) {
     residual_layernorm_backward(dx, tw, tb, norm_scratch_, norm_scratch_floats_, dout, x, mean, rstd,
                                 param(prefix + ".weight"), rows, width, stream_);
@@ -1474,12 +1467,12 @@ void ModelImpl<T>::layer_backward(int l, const T* x, LayerBuffers& b) {
     CUDA_CHECK(cudaMemsetAsync(d_k_pre_, 0, static_cast<size_t>(N) * K * sizeof(T), stream_));
     const std::string qn = name(l, kQNorm) + ".weight", kn = name(l, kKNorm) + ".weight";
     float* gq = grad(qn);
-    T* tq = gq ? param_grad_target(gq, D) : norm_discard_;  // frozen (LoRA): discarded
+    T* tq = gq ? param_grad_target(gq, D) : nullptr;  // frozen (LoRA): no weight gradient
     residual_rmsnorm_backward(d_q_pre_, tq, norm_scratch_, norm_scratch_floats_, d_q_, b.q, b.q_rstd,
                               param(qn), N * c.n_heads, D, stream_);
     finish_param_grad(gq, D);
     float* gk = grad(kn);
-    T* tk = gk ? param_grad_target(gk, D) : norm_discard_;
+    T* tk = gk ? param_grad_target(gk, D) : nullptr;
     residual_rmsnorm_backward(d_k_pre_, tk, norm_scratch_, norm_scratch_floats_, d_k_, b.k, b.k_rstd,
                               param(kn), N * c.n_kv_heads, D, stream_);
     finish_param_grad(gk, D);

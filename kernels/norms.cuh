@@ -212,7 +212,7 @@ __global__ void norm_param_grad_kernel(T* dweight, T* dbias, const float* partia
     total_dw += s_dw[k][tx];
     total_db += s_db[k][tx];
   }
-  dweight[c] = from_float<T>(to_float(dweight[c]) + total_dw);
+  if (dweight != nullptr) dweight[c] = from_float<T>(to_float(dweight[c]) + total_dw);
   if (dbias != nullptr) dbias[c] = from_float<T>(to_float(dbias[c]) + total_db);
 }
 
@@ -302,6 +302,7 @@ void backward(const char* name, T* d_residual, T* dweight, T* dbias, float* scra
     launch_backward_rows<kLayerNorm, 1>(d_residual, scratch, dout, x, mean, rstd, weight, N, C, split,
                                         stream);
   }
+  if (dweight == nullptr && (!kLayerNorm || dbias == nullptr)) return;  // frozen norm (LoRA): dx only
   norm_param_grad_kernel<<<ceil_div(C, 32), dim3(32, 8), 0, stream>>>(dweight, kLayerNorm ? dbias : nullptr,
                                                                       scratch, split.blocks, C);
   CUDA_CHECK_LAUNCH();
@@ -325,7 +326,8 @@ void residual_layernorm_forward(T* residual_out, T* out, float* mean, float* rst
                               branch, weight, bias, N, C, eps, stream, variant);
 }
 
-// d_residual += dL/dx (so it becomes the gradient of residual_in and of branch); dweight, dbias (nullable)
+// d_residual += dL/dx (so it becomes the gradient of residual_in and of branch); dweight, dbias (each
+// nullable: a frozen weight or bias gets no gradient)
 // += their gradients. x is the forward's normalised input (residual_out, or residual_in without a branch);
 // mean, rstd from the forward. scratch: norm_backward_scratch_floats(N, C) floats of device memory.
 template <typename T>

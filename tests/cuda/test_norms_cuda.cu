@@ -286,6 +286,38 @@ TEST(CudaNorms, WideRowsUseMoreSharedMemory) {
   }
 }
 
+// A frozen norm (LoRA) passes null weight and bias gradients: dx is the same as with them, bit for bit.
+TEST(CudaNorms, FrozenNormComputesTheSameInputGradient) {
+  SKIP_WITHOUT_GPU();
+  const int N = 37, C = 72;
+  for (Norm norm : kNorms) {
+    const BackwardInputs in = make_backward_inputs<float>(norm, N, C);
+    const BackwardResult<float> with_grads = run_backward<float>(norm, in, N, C, KernelVariant::kClear);
+    const size_t NC = static_cast<size_t>(N) * C;
+    DeviceBuffer<float> d_x(NC), d_dout(NC), d_weight(C), d_residual(NC), d_mean(N), d_rstd(N);
+    const size_t scratch_floats = llm::cuda::norm_backward_scratch_floats(N, C);
+    DeviceBuffer<float> d_scratch(scratch_floats);
+    d_x.upload(in.x);
+    d_dout.upload(in.dout);
+    d_weight.upload(in.weight);
+    d_residual.upload(in.d_residual0);
+    d_mean.upload(in.mean);
+    d_rstd.upload(in.rstd);
+    if (norm == Norm::kRmsNorm) {
+      llm::cuda::residual_rmsnorm_backward(d_residual.get(), static_cast<float*>(nullptr), d_scratch.get(),
+                                           scratch_floats, d_dout.get(), d_x.get(), d_rstd.get(),
+                                           d_weight.get(), N, C, nullptr, KernelVariant::kClear);
+    } else {
+      llm::cuda::residual_layernorm_backward(d_residual.get(), static_cast<float*>(nullptr),
+                                             static_cast<float*>(nullptr), d_scratch.get(), scratch_floats,
+                                             d_dout.get(), d_x.get(), d_mean.get(), d_rstd.get(),
+                                             d_weight.get(), N, C, nullptr, KernelVariant::kClear);
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(d_residual.download(), with_grads.d_residual) << static_cast<int>(norm);
+  }
+}
+
 TEST(CudaNorms, BackwardRejectsSmallScratch) {
   SKIP_WITHOUT_GPU();
   DeviceBuffer<float> buf(1024);
