@@ -51,9 +51,10 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
 
   read_training_keys(r, c);
   // LLM-Lab's SFT spellings.
-  const bool lr_given = object.is_object() && object.contains("lr");
+  const bool lr_given = object.is_object() && object.contains("lr") && !object["lr"].is_null();
   if (r.get("learning_rate", c.lr) && lr_given) r.problem("learning_rate", "give either lr or learning_rate");
-  const bool clip_given = object.is_object() && object.contains("grad_clip");
+  const bool clip_given =
+      object.is_object() && object.contains("grad_clip") && !object["grad_clip"].is_null();
   if (r.get("max_grad_norm", c.grad_clip) && clip_given)
     r.problem("max_grad_norm", "give either grad_clip or max_grad_norm");
 
@@ -99,7 +100,8 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
     } else if (object.is_object()) {
       for (const char* key :
            {"lora_preset", "lora_target_modules", "lora_r", "lora_alpha", "lora_dropout", "use_rslora"}) {
-        if (object.contains(key)) r.problem(key, "has no effect without \"use_lora\": true");
+        if (object.contains(key) && !object[key].is_null())
+          r.problem(key, "has no effect without \"use_lora\": true");
       }
     }
     if (!s.lora.target_modules.empty() && s.lora.preset != "custom") {

@@ -90,6 +90,7 @@ TEST(SftConfig, ErrorsNameTheKey) {
             std::string::npos);
   EXPECT_NE(error_of(json{{"model", m}, {"lora_r", 16}}).find("has no effect without \"use_lora\""),
             std::string::npos);
+  EXPECT_EQ(error_of(json{{"model", m}, {"lora_r", nullptr}, {"lr", nullptr}, {"learning_rate", 1e-4}}), "");
   EXPECT_NE(error_of(json{{"model", m}, {"load_in_4bit", true}}).find("use_lora"), std::string::npos);
   EXPECT_NE(
       error_of(json{{"model", m}, {"use_lora", true}, {"lora_preset", "custom"}}).find("lora_target_modules"),
