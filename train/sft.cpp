@@ -102,7 +102,13 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   const std::string device = resolve_device(tc.device);
   const bool print = options.run.print;
 
-  // The base model and its tokenizer.
+  // The base model and its tokenizer; a full fine-tune is exported in the base folder's dtype.
+  SafeDType base_dtype = SafeDType::kF32;
+  if (is_dir(config.base_model)) {
+    const std::string torch_dtype = load_hf_config(config.base_model).torch_dtype;
+    if (torch_dtype == "bfloat16") base_dtype = SafeDType::kBF16;
+    if (torch_dtype == "float16") base_dtype = SafeDType::kF16;
+  }
   std::vector<float> base;
   std::string tokenizer_spec = tc.model.tokenizer_name;
   if (!config.base_model.empty()) base = load_base_model(config.base_model, tc.model, tokenizer_spec);
@@ -245,18 +251,28 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   if (tc.sample_stop.empty()) tc.sample_stop = end_of_turn(chat_template);
 
   Trainer trainer(tc, *backend, train, val.get(), *tokenizer);
-  if (config.lora.enabled) {
-    const std::string base_name = config.base_model;
-    trainer.after_save = [&, base_name](const std::string& file, int64_t step) {
-      if (file != "best.ckpt") return;
-      const std::vector<float> params = backend->read_parameters();
-      save_peft_adapter(tc.output_dir + "/best_lora_adapters", tc.model, config.lora, backend->layout(),
-                        params.data(), base_name);
-      if (print)
-        std::printf("step %6lld | adapters saved to %s/best_lora_adapters\n", (long long)step,
-                    tc.output_dir.c_str());
-    };
-  }
+  // What the best and the last step leave besides the checkpoints: PEFT adapters with LoRA, else (full
+  // fine-tuning) a Hugging Face folder with the base folder's tokenizer files.
+  auto export_model = [&](const std::string& folder) {
+    const std::vector<float> params = backend->read_parameters();
+    const std::string dir = tc.output_dir + "/" + folder;
+    if (config.lora.enabled) {
+      save_peft_adapter(dir, tc.model, config.lora, backend->layout(), params.data(), config.base_model);
+    } else {
+      HfExportOptions hf;
+      hf.source_dir = is_dir(config.base_model) ? config.base_model : "";
+      hf.dtype = base_dtype;
+      save_hf_folder(dir, tc.model, backend->layout(), params.data(), hf);
+    }
+    return dir;
+  };
+  const char* best_folder = config.lora.enabled ? "best_lora_adapters" : "best_model";
+  const char* final_folder = config.lora.enabled ? "final_lora_adapters" : "final_model";
+  trainer.after_save = [&](const std::string& file, int64_t step) {
+    if (file != "best.ckpt") return;
+    const std::string dir = export_model(best_folder);
+    if (print) std::printf("step %6lld | saved %s\n", (long long)step, dir.c_str());
+  };
 
   RunOptions run = options.run;
   const std::string latest = tc.output_dir + "/latest.ckpt";
@@ -274,12 +290,9 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
         std::string(e.what()) + "\n(" + latest +
         " was picked up automatically: pass --fresh to start over, or use another output_dir)");
   }
-  if (config.lora.enabled && !result.stopped_on_nonfinite) {
-    const std::vector<float> params = backend->read_parameters();
-    save_peft_adapter(tc.output_dir + "/final_lora_adapters", tc.model, config.lora, backend->layout(),
-                      params.data(), config.base_model);
-    if (print)
-      std::printf("adapters of the last step saved to %s/final_lora_adapters\n", tc.output_dir.c_str());
+  if (!result.stopped_on_nonfinite) {
+    const std::string dir = export_model(final_folder);
+    if (print) std::printf("the last step saved to %s\n", dir.c_str());
   }
   return result.stopped_on_nonfinite ? 1 : 0;
 }

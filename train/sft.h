@@ -5,7 +5,8 @@
 //
 // Outputs in output_dir: latest.ckpt and best.ckpt (the full trainer state: base and adapters,
 // optimizer, data position), metrics.jsonl, and with LoRA the adapters in PEFT's layout:
-// best_lora_adapters/ (best validation loss) and final_lora_adapters/ (the last step).
+// best_lora_adapters/ (best validation loss) and final_lora_adapters/ (the last step); a full fine-tune
+// writes Hugging Face folders best_model/ and final_model/ instead (in the base folder's dtype).
 // Re-running the same command after a kill resumes from output_dir/latest.ckpt.
 #pragma once
 

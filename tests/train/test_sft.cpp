@@ -338,8 +338,8 @@ void run_example_config(const std::string& name, bool nf4) {
   fs::remove_all(out);
 }
 
-// Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and no adapter
-// folder is written.
+// Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and the result is
+// written as a Hugging Face folder rather than adapters.
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
   llm::ModelConfig config;
   const std::string base = small_hf_folder(config);
@@ -370,6 +370,9 @@ TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
     EXPECT_TRUE(moved) << t.name;
   }
   EXPECT_FALSE(fs::exists(out + "/final_lora_adapters"));
+  // The last step is also a Hugging Face folder (fp32, as the base), with the base's tokenizer.
+  EXPECT_EQ(llm::load_hf_parameters(out + "/final_model", config), end);
+  EXPECT_TRUE(fs::exists(out + "/final_model/tokenizer.json"));
   fs::remove_all(base);
   fs::remove_all(out);
 }
