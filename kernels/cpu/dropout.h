@@ -60,4 +60,25 @@ void dropout_backward(T* din, const T* dout, size_t n, float p, uint64_t seed, u
   detail::dropout_apply(din, dout, n, p, seed, stream);
 }
 
+// For a caller that applies one mask to several arrays (LoRA's backward: x~ and dx~): keep[i] = keep_i,
+// drawn once, and dst_i = keep_i * src_i / (1 - p), bit for bit what dropout_forward / dropout_backward
+// give with the same p, seed and stream.
+inline void dropout_keep_mask(uint8_t* keep, size_t n, float p, uint64_t seed, uint64_t stream) {
+  const int64_t count = static_cast<int64_t>(n);
+#pragma omp parallel for schedule(static) if (count >= (1 << 16))
+  for (int64_t i = 0; i < count; ++i) {
+    keep[i] = p <= 0.0f || (p < 1.0f && llm::philox_uniform(seed, stream, static_cast<uint64_t>(i)) >= p);
+  }
+}
+
+template <typename T>
+void dropout_apply_mask(T* dst, const T* src, const uint8_t* keep, size_t n, float p) {
+  if (p <= 0.0f) {
+    for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+  const T scale = T(1) / (T(1) - static_cast<T>(p));
+  for (size_t i = 0; i < n; ++i) dst[i] = keep[i] ? src[i] * scale : T(0);
+}
+
 }  // namespace llm::ref

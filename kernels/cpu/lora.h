@@ -120,12 +120,16 @@ void lora_backward(std::common_type_t<T>* dx, std::common_type_t<T>* dA, std::co
   linear_backward(dh.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), dout, h, B, N, r, O);
   for (T& v : dh) v *= s;
 
+  // The forward call's dropout mask, drawn once for both of its uses below.
   const size_t nx = static_cast<size_t>(N) * I;
+  std::vector<uint8_t> keep;
   std::vector<T> xd;
   const T* x_tilde = x;
   if (dropout_p > 0.0f) {
+    keep.resize(nx);
+    dropout_keep_mask(keep.data(), nx, dropout_p, seed, stream);
     xd.resize(nx);
-    dropout_forward(xd.data(), x, nx, dropout_p, seed, stream);  // x~, same mask as the forward call
+    dropout_apply_mask(xd.data(), x, keep.data(), nx, dropout_p);  // x~
     x_tilde = xd.data();
   }
   // dA += dh^T x~: the weight gradient of h = x~ A^T.
@@ -138,7 +142,7 @@ void lora_backward(std::common_type_t<T>* dx, std::common_type_t<T>* dA, std::co
     std::vector<T> dxd(nx);
     linear_backward(dxd.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), dh.data(), x_tilde, A, N,
                     I, r);
-    if (dropout_p > 0.0f) dropout_backward(dxd.data(), dxd.data(), nx, dropout_p, seed, stream);
+    if (dropout_p > 0.0f) dropout_apply_mask(dxd.data(), dxd.data(), keep.data(), nx, dropout_p);
     linear_backward(dx, static_cast<T*>(nullptr), static_cast<T*>(nullptr), dout, x, weight, N, I, O,
                     accumulate_dx);
     for (size_t k = 0; k < nx; ++k) dx[k] += dxd[k];

@@ -2,6 +2,7 @@
 // (seed, stream), the backward pass reusing the forward mask, and a finite-difference gradient check.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -89,6 +90,35 @@ TEST(Dropout, BackwardUsesForwardMask) {
   for (size_t i = 0; i < n; ++i) {
     // out[i] is the mask times 1/(1-p), so din = dout * mask / (1-p) = dout * out.
     EXPECT_EQ(din[i], out[i] == 0.0f ? 0.0f : dout[i] * out[i]) << i;
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// A mask drawn once and applied with dropout_apply_mask gives dropout_forward's and dropout_backward's
+// values bit for bit, at the edges (p = 0, p = 1) too, across the parallel threshold (2^16 elements).
+TEST(Dropout, MaskDrawnOnceEqualsForwardAndBackward) {
+  const size_t n = (size_t{1} << 16) + 37;
+  std::vector<float> x(n), y(n);
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = static_cast<float>(std::sin(0.37 * static_cast<double>(i)) * 3.0);
+    y[i] = static_cast<float>(std::cos(0.11 * static_cast<double>(i)));
+  }
+  for (float p : {0.0f, 0.3f, 0.9f, 1.0f}) {
+    std::vector<uint8_t> keep(n);
+    llm::ref::dropout_keep_mask(keep.data(), n, p, 7, 123);
+    std::vector<float> want_fwd(n), want_bwd(n), got_fwd(n), got_bwd(n);
+    llm::ref::dropout_forward(want_fwd.data(), x.data(), n, p, 7, 123);
+    llm::ref::dropout_backward(want_bwd.data(), y.data(), n, p, 7, 123);
+    llm::ref::dropout_apply_mask(got_fwd.data(), x.data(), keep.data(), n, p);
+    llm::ref::dropout_apply_mask(got_bwd.data(), y.data(), keep.data(), n, p);
+    EXPECT_EQ(got_fwd, want_fwd) << p;
+    EXPECT_EQ(got_bwd, want_bwd) << p;
+    size_t kept = 0;
+    for (uint8_t k : keep) kept += k;
+    EXPECT_NEAR(static_cast<double>(kept) / n, 1.0 - p, 0.01) << p;
   }
 }
 
