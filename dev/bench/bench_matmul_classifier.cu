@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "dev/bench/bench_common.cuh"
 #include "kernels/classifier.cuh"
 #include "kernels/cuda_common.cuh"
 #include "kernels/matmul.cuh"
@@ -39,22 +40,6 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 using llm::cuda::GemmEngine;
-
-// Uniform values in [-scale, scale] from a hash of the index (no RNG state, any size).
-template <typename T>
-__global__ void fill_uniform_kernel(T* out, size_t n, uint32_t seed, float scale) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 40503u;
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
-    const float u = static_cast<float>(x >> 8) * (1.0f / 16777216.0f);  // [0, 1)
-    out[i] = llm::cuda::from_float<T>((2.0f * u - 1.0f) * scale);
-  }
-}
 
 __global__ void fill_targets_kernel(int32_t* targets, int n, int V, uint32_t seed) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -67,47 +52,11 @@ __global__ void fill_targets_kernel(int32_t* targets, int n, int V, uint32_t see
   }
 }
 
-template <typename T>
-struct Buffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit Buffer(size_t count) : n(count) {
-    CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(1, n) * sizeof(T)));
-  }
-  ~Buffer() { cudaFree(ptr); }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  void fill(uint32_t seed, float scale) {
-    fill_uniform_kernel<T><<<1024, 256>>>(ptr, n, seed, scale);
-    CUDA_CHECK_LAUNCH();
-  }
-};
-
-int g_warmup = 3;
-int g_reps = 10;
-
-// Median milliseconds of f() over g_reps runs, after g_warmup.
-double time_ms(const std::function<void()>& f) {
-  for (int i = 0; i < g_warmup; ++i) f();
-  CUDA_CHECK(cudaDeviceSynchronize());
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < g_reps; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
-    f();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
+using bench::Buffer;
+using bench::fill_uniform_kernel;
+using bench::g_reps;
+using bench::g_warmup;
+using bench::time_ms;
 
 double g_floor_tflops = 0.0;  // the measured bf16 GEMM rate
 
