@@ -35,6 +35,7 @@
 #include "data/loader.h"
 #include "kernels/cuda_runtime.h"
 #include "llm/sampling.h"
+#include "tests/train/backend_test_helpers.h"
 #include "train/cpu_backend.h"
 #include "train/cuda_backend.h"
 #include "train/train_config.h"
@@ -52,13 +53,6 @@ using llm::StateBuffer;
 using llm::TokenBatch;
 using llm::TrainBackend;
 using llm::cuda::Precision;
-
-#define SKIP_WITHOUT_GPU()                                                     \
-  do {                                                                         \
-    if (llm::cuda::device_count() == 0) {                                      \
-      GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason(); \
-    }                                                                          \
-  } while (0)
 
 class TempDir {
  public:
@@ -104,39 +98,8 @@ BackendOptions backend_options(int B, int T, bool recompute = false) {
   return o;
 }
 
-struct Batch {
-  int B, T;
-  std::vector<int32_t> inputs, targets, positions, doc_ids;
-  TokenBatch view(bool packed) const {
-    TokenBatch b;
-    b.B = B;
-    b.T = T;
-    b.inputs = inputs.data();
-    b.targets = targets.data();
-    if (packed) {
-      b.positions = positions.data();
-      b.doc_ids = doc_ids.data();
-    }
-    return b;
-  }
-};
-
-// Random tokens; a few ignored targets; two documents per row (positions restart at the boundary).
-Batch random_batch(int B, int T, int V, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> tok(0, V - 1);
-  Batch b{B, T, {}, {}, {}, {}};
-  for (int r = 0; r < B; ++r) {
-    const int split = T / 2 + r % 3;
-    for (int t = 0; t < T; ++t) {
-      b.inputs.push_back(tok(rng));
-      b.targets.push_back(t % 5 == 3 ? -100 : tok(rng));
-      b.positions.push_back(t < split ? t : t - split);
-      b.doc_ids.push_back(t < split ? 0 : 1);
-    }
-  }
-  return b;
-}
+using llm::test::Batch;
+using llm::test::random_batch;
 
 // max |a - b| / max |a| over one tensor.
 double max_rel(const float* a, const float* b, size_t n) {

@@ -40,6 +40,7 @@
 #include "kernels/cuda_runtime.h"
 #include "llm/json_config.h"
 #include "llm/lora.h"
+#include "tests/train/backend_test_helpers.h"
 #include "train/checkpoint.h"
 #include "train/cpu_backend.h"
 #include "train/cuda_backend.h"
@@ -57,13 +58,6 @@ using llm::ModelConfig;
 using llm::OptimizerConfig;
 using llm::TokenBatch;
 using llm::cuda::Precision;
-
-#define SKIP_WITHOUT_GPU()                                                     \
-  do {                                                                         \
-    if (llm::cuda::device_count() == 0) {                                      \
-      GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason(); \
-    }                                                                          \
-  } while (0)
 
 // rope, GQA, RMSNorm, SwiGLU, qk_norm: every adapted module of a Llama/Qwen3 layer.
 ModelConfig llama_like() {
@@ -119,39 +113,8 @@ BackendOptions backend_options(int B, int T, const llm::LoraSettings& lora, bool
   return o;
 }
 
-struct Batch {
-  int B, T;
-  std::vector<int32_t> inputs, targets, positions, doc_ids;
-  TokenBatch view(bool packed) const {
-    TokenBatch b;
-    b.B = B;
-    b.T = T;
-    b.inputs = inputs.data();
-    b.targets = targets.data();
-    if (packed) {
-      b.positions = positions.data();
-      b.doc_ids = doc_ids.data();
-    }
-    return b;
-  }
-};
-
-// Random tokens; a few ignored targets; two documents per row.
-Batch random_batch(int B, int T, int V, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int> tok(0, V - 1);
-  Batch b{B, T, {}, {}, {}, {}};
-  for (int r = 0; r < B; ++r) {
-    const int split = T / 2 + r % 3;
-    for (int t = 0; t < T; ++t) {
-      b.inputs.push_back(tok(rng));
-      b.targets.push_back(t % 5 == 3 ? -100 : tok(rng));
-      b.positions.push_back(t < split ? t : t - split);
-      b.doc_ids.push_back(t < split ? 0 : 1);
-    }
-  }
-  return b;
-}
+using llm::test::Batch;
+using llm::test::random_batch;
 
 // ||a - b||_2 / ||a||_2 over one tensor.
 double l2_rel(const float* a, const float* b, size_t n) {

@@ -24,19 +24,13 @@
 #include "kernels/cuda_optimizers.h"
 #include "kernels/cuda_runtime.h"
 #include "llm/params.h"
+#include "tests/train/backend_test_helpers.h"
 #include "train/optim_adafactor.h"
 #include "train/optim_adamw8bit.h"
 #include "train/optim_lion.h"
 #include "train/optim_muon.h"
 #include "train/optim_sophia.h"
 #include "train/optimizer.h"
-
-#define SKIP_WITHOUT_GPU()                                                       \
-  do {                                                                           \
-    if (::llm::cuda::device_count() == 0) {                                      \
-      GTEST_SKIP() << "GPU test skipped: " << ::llm::cuda::unavailable_reason(); \
-    }                                                                            \
-  } while (0)
 
 namespace {
 
