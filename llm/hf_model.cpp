@@ -6,19 +6,11 @@
 #include <set>
 #include <type_traits>
 
+#include "llm/strings.h"
+
 namespace llm {
 
 namespace {
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 [[noreturn]] void throw_problems(const std::string& dir, const std::vector<std::string>& problems) {
   constexpr size_t kShown = 30;
@@ -117,6 +109,29 @@ const std::vector<std::string>& hf_tokenizer_files() {
       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",   "vocab.json",
       "merges.txt",     "added_tokens.json",     "chat_template.jinja",     "chat_template.json"};
   return files;
+}
+
+uint64_t parse_shard_size(const std::string& text) {
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    throw std::invalid_argument("--max-shard-size: expected a size such as 5GB or 500MB, found \"" + text +
+                                "\"");
+  }
+  const std::string unit = text.substr(pos);
+  double scale = 0;
+  if (unit == "" || unit == "B") scale = 1;
+  if (unit == "KB" || unit == "kB") scale = 1e3;
+  if (unit == "MB") scale = 1e6;
+  if (unit == "GB") scale = 1e9;
+  if (scale == 0)
+    throw std::invalid_argument("--max-shard-size: unknown unit \"" + unit + "\" (B, KB, MB, GB)");
+  if (!(value > 0) || value * scale > 1e15) {
+    throw std::invalid_argument("--max-shard-size must be positive, found \"" + text + "\"");
+  }
+  return static_cast<uint64_t>(value * scale);
 }
 
 SafeDType parse_export_dtype(const std::string& name) {

@@ -58,6 +58,10 @@ struct HfExportOptions {
   HfSpecialTokens tokens;  // written to config.json (and generation_config.json when none is copied)
 };
 
+// A shard size as tools take it: "5GB", "500MB", "64KB", "1000B" or a plain byte count (decimal units).
+// Throws std::invalid_argument with the message to print for anything else, zero or above 1e15 bytes.
+uint64_t parse_shard_size(const std::string& text);
+
 // The files a save copies from the source folder when they exist.
 const std::vector<std::string>& hf_tokenizer_files();
 

@@ -10,21 +10,12 @@
 
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/nf4.h"
+#include "llm/strings.h"
 #include "train/checkpoint.h"
 
 namespace llm {
 
 namespace {
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // "model.layers.3.self_attn.q_proj" -> "q_proj".
 std::string short_name(const std::string& prefix) {

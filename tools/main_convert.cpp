@@ -60,28 +60,11 @@ void usage() {
 }
 
 uint64_t parse_size(const std::string& text) {
-  size_t pos = 0;
-  double value = 0;
   try {
-    value = std::stod(text, &pos);
-  } catch (const std::exception&) {
-    fail("--max-shard-size: expected a size such as 5GB or 500MB, found \"" + text + "\"");
+    return llm::parse_shard_size(text);
+  } catch (const std::invalid_argument& e) {
+    fail(e.what());
   }
-  const std::string unit = text.substr(pos);
-  double scale = 1;
-  if (unit == "" || unit == "B") {
-    scale = 1;
-  } else if (unit == "KB" || unit == "kB") {
-    scale = 1e3;
-  } else if (unit == "MB") {
-    scale = 1e6;
-  } else if (unit == "GB") {
-    scale = 1e9;
-  } else {
-    fail("--max-shard-size: unknown unit \"" + unit + "\" (B, KB, MB, GB)");
-  }
-  if (!(value > 0) || value * scale > 1e15) fail("--max-shard-size must be positive, found \"" + text + "\"");
-  return static_cast<uint64_t>(value * scale);
 }
 
 void print_notes(const std::vector<std::string>& notes) {

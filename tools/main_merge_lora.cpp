@@ -62,23 +62,11 @@ void usage(FILE* out) {
 }
 
 uint64_t parse_size(const std::string& text) {
-  size_t pos = 0;
-  double value = 0;
   try {
-    value = std::stod(text, &pos);
-  } catch (const std::exception&) {
-    usage_error("--max-shard-size: expected a size such as 5GB or 500MB, found \"" + text + "\"");
+    return llm::parse_shard_size(text);
+  } catch (const std::invalid_argument& e) {
+    usage_error(e.what());
   }
-  const std::string unit = text.substr(pos);
-  double scale = 0;
-  if (unit == "" || unit == "B") scale = 1;
-  if (unit == "KB" || unit == "kB") scale = 1e3;
-  if (unit == "MB") scale = 1e6;
-  if (unit == "GB") scale = 1e9;
-  if (scale == 0) usage_error("--max-shard-size: unknown unit \"" + unit + "\" (B, KB, MB, GB)");
-  if (!(value > 0) || value * scale > 1e15)
-    usage_error("--max-shard-size must be positive, found \"" + text + "\"");
-  return static_cast<uint64_t>(value * scale);
 }
 
 }  // namespace
