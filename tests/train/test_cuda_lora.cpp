@@ -41,6 +41,7 @@
 #include "llm/json_config.h"
 #include "llm/lora.h"
 #include "tests/train/backend_test_helpers.h"
+#include "tests/train/sft_test_helpers.h"
 #include "train/checkpoint.h"
 #include "train/cpu_backend.h"
 #include "train/cuda_backend.h"
@@ -58,6 +59,8 @@ using llm::ModelConfig;
 using llm::OptimizerConfig;
 using llm::TokenBatch;
 using llm::cuda::Precision;
+using llm::test::checkpoint_params;
+using llm::test::quiet;
 
 // rope, GQA, RMSNorm, SwiGLU, qk_norm: every adapted module of a Llama/Qwen3 layer.
 ModelConfig llama_like() {
@@ -504,48 +507,13 @@ TEST(CudaLora, Bf16StepsLeaveTheFrozenBaseBitwiseAndFollowTheCpu) {
 // ---- SFT end to end ----------------------------------------------------------------------------------
 
 std::string temp_dir(const std::string& name) {
-  const fs::path dir =
-      fs::temp_directory_path() / ("llm_test_cuda_lora_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
+  return llm::test::fresh_temp_dir("llm_test_cuda_lora", name);
 }
 
 json sft_config(const std::string& out, const std::string& device, bool nf4) {
-  json c{{"model", json{{"vocab_size", 260},
-                        {"d_model", 32},
-                        {"n_heads", 2},
-                        {"n_kv_heads", 1},
-                        {"d_ff", 48},
-                        {"n_layers", 2},
-                        {"max_seq_len", 256}}},
-         {"max_length", 160},
-         {"batch_size", 3},
-         {"gradient_accumulation_steps", 2},
-         {"max_steps", 6},
-         {"lr", 3e-3},
-         {"warmup_steps", 1},
-         {"use_lora", true},
-         {"lora_preset", "all"},
-         {"lora_r", 4},
-         {"lora_alpha", 8},
-         {"lora_dropout", 0.1},
-         {"packing", true},
-         {"eval_every", 3},
-         {"eval_steps", 2},
-         {"save_every", 2},
-         {"save_best_only", false},
-         {"log_every", 1},
-         {"output_dir", out},
-         {"device", device}};
+  json c = llm::test::tiny_sft_run_config(llm::test::tiny_sft_model_json(32, 48), out, device);
   if (nf4) c["load_in_4bit"] = true;
   return c;
-}
-
-llm::SftRunOptions quiet() {
-  llm::SftRunOptions o;
-  o.run.print = false;
-  return o;
 }
 
 // The training losses of metrics.jsonl, in step order.
@@ -558,14 +526,6 @@ std::vector<double> logged_losses(const std::string& dir) {
     if (entry.contains("loss")) out.push_back(entry["loss"].get<double>());
   }
   return out;
-}
-
-std::vector<float> checkpoint_params(const std::string& path) {
-  std::vector<float> all;
-  for (const auto& a : llm::read_checkpoint(path).arrays) {
-    if (a.kind == "param") all.insert(all.end(), a.data.begin(), a.data.end());
-  }
-  return all;
 }
 
 TEST(CudaLora, SftOnCudaFollowsTheCpuRun) {

@@ -20,6 +20,7 @@
 #include "llm/hf_model.h"
 #include "llm/lora_adapter.h"
 #include "llm/model.h"
+#include "tests/train/sft_test_helpers.h"
 #include "train/checkpoint.h"
 #include "train/cpu_backend.h"
 #include "train/sft.h"
@@ -29,18 +30,15 @@ namespace {
 
 namespace fs = std::filesystem;
 using llm::json;
+using llm::test::checkpoint_params;
+using llm::test::quiet;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path dir =
-      fs::temp_directory_path() / ("llm_test_sft_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
+  return llm::test::fresh_temp_dir("llm_test_sft", name);
 }
 
 json tiny_model_json() {
-  return json{{"vocab_size", 260}, {"d_model", 16}, {"n_heads", 2},      {"n_kv_heads", 1},
-              {"d_ff", 24},        {"n_layers", 2}, {"max_seq_len", 256}};
+  return llm::test::tiny_sft_model_json();
 }
 
 llm::ModelConfig tiny_model() {
@@ -188,40 +186,7 @@ TEST(SftTraining, PromptPositionsContributeNoGradient) {
 }
 
 json tiny_run_config(const std::string& out) {
-  return json{{"model", tiny_model_json()},
-              {"max_length", 160},
-              {"batch_size", 3},
-              {"gradient_accumulation_steps", 2},
-              {"max_steps", 6},
-              {"lr", 3e-3},
-              {"warmup_steps", 1},
-              {"use_lora", true},
-              {"lora_preset", "all"},
-              {"lora_r", 4},
-              {"lora_alpha", 8},
-              {"lora_dropout", 0.1},
-              {"packing", true},
-              {"eval_every", 3},
-              {"eval_steps", 2},
-              {"save_every", 2},
-              {"save_best_only", false},
-              {"log_every", 1},
-              {"output_dir", out},
-              {"device", "cpu"}};
-}
-
-llm::SftRunOptions quiet() {
-  llm::SftRunOptions o;
-  o.run.print = false;
-  return o;
-}
-
-std::vector<float> checkpoint_params(const std::string& path) {
-  std::vector<float> all;
-  for (const auto& a : llm::read_checkpoint(path).arrays) {
-    if (a.kind == "param") all.insert(all.end(), a.data.begin(), a.data.end());
-  }
-  return all;
+  return llm::test::tiny_sft_run_config(tiny_model_json(), out, "cpu");
 }
 
 std::string file_bytes(const std::string& path) {
