@@ -218,6 +218,15 @@ struct DeviceStage {
   float* ptr = nullptr;
 };
 
+// Scratch floats for a norm backward over any row count up to max_rows. The norms' block split is not
+// monotonic in the row count above 8192 rows (9000 rows take 1000 blocks, 8192 take 1024), so sizing for
+// max_rows alone fails for a smaller batch; up to 8192 rows it is monotonic and 8192 rows take the most.
+size_t norm_scratch_floats_up_to(size_t max_rows, int width) {
+  constexpr size_t kWidest =
+      static_cast<size_t>(norms_detail::kMinRowsPerBlock) * norms_detail::kMaxBackwardBlocks;
+  return norm_backward_scratch_floats(static_cast<int>(std::min(max_rows, kWidest)), width);
+}
+
 // a and b hold the same values: equal as numbers, or with the same bits (NaN).
 bool same_values(const float* a, const float* b, size_t n) {
   for (size_t j = 0; j < n; ++j) {
@@ -714,11 +723,10 @@ void ModelImpl<T>::plan(char* base, size_t* bytes) {
   attn_scratch_ = k.take<float>(probs);
   classifier_scratch_ = k.take<T>(
       std::max(classifier_scratch_elements(chunk_rows_, V), static_cast<size_t>(classifier_padded_vocab(V))));
-  norm_scratch_floats_ = norm_backward_scratch_floats(static_cast<int>(N), C);
+  norm_scratch_floats_ = norm_scratch_floats_up_to(N, C);
   if (c.qk_norm) {
-    norm_scratch_floats_ =
-        std::max({norm_scratch_floats_, norm_backward_scratch_floats(static_cast<int>(N) * c.n_heads, D),
-                  norm_backward_scratch_floats(static_cast<int>(N) * c.n_kv_heads, D)});
+    norm_scratch_floats_ = std::max({norm_scratch_floats_, norm_scratch_floats_up_to(N * c.n_heads, D),
+                                     norm_scratch_floats_up_to(N * c.n_kv_heads, D)});
   }
   norm_scratch_ = k.take<float>(norm_scratch_floats_);
   // The embedding gradients' scratch, only for embeddings that train (LoRA freezes them).
