@@ -70,8 +70,9 @@ static __global__ void grad_norm_finalize_kernel(float* norm, float* clip_scale,
 // The update of VEC consecutive parameters per thread (the n % VEC left at the end one per thread).
 template <int VEC, typename TP, typename TG>
 __global__ void adamw_kernel(TP* param, float* master, float* m, float* v, const TG* grad,
-                             const float* grad_scale, size_t n, float lr, float beta1, float beta2, float eps,
-                             float weight_decay, float bias_correction1, float bias_correction2) {
+                             const float* grad_scale, size_t n, float lr, float beta1, float one_minus_beta1,
+                             float beta2, float one_minus_beta2, float eps, float weight_decay,
+                             float bias_correction1, float bias_correction2) {
   const size_t t = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const size_t n_vec = n / VEC;
   size_t first;
@@ -100,8 +101,8 @@ __global__ void adamw_kernel(TP* param, float* master, float* m, float* v, const
   }
   for (int k = 0; k < count; ++k) {
     const float gk = g[k] * scale;
-    mv[k] = beta1 * mv[k] + (1.0f - beta1) * gk;
-    vv[k] = beta2 * vv[k] + (1.0f - beta2) * gk * gk;
+    mv[k] = beta1 * mv[k] + one_minus_beta1 * gk;
+    vv[k] = beta2 * vv[k] + one_minus_beta2 * gk * gk;
     w[k] -= lr * weight_decay * w[k];
     w[k] -= lr * (mv[k] / bias_correction1) / (sqrtf(vv[k] / bias_correction2) + eps);
   }
@@ -167,18 +168,20 @@ void global_grad_norm(float* norm, float* clip_scale, double* scratch, size_t sc
 // One AdamW step over n parameters. master, m, v (fp32) are read and written; param (TP, the working copy;
 // may be null) is overwritten with the new master weights rounded to TP. grad (TG) is multiplied by
 // *grad_scale (device; null means 1), e.g. the clip_scale of global_grad_norm. step counts from 1.
+// beta1, beta2: the config's doubles, uncast (a float-rounded beta2 = 0.999 shifts v by 1.3e-5).
 template <typename TP, typename TG>
 void adamw_update(TP* param, float* master, float* m, float* v, const TG* grad, const float* grad_scale,
-                  size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                  size_t n, float lr, double beta1, double beta2, float eps, float weight_decay, int64_t step,
                   cudaStream_t stream, KernelVariant variant = KernelVariant::kAuto) {
   NvtxRange range("adamw_update");
   if (step < 1) throw std::invalid_argument("adamw_update: step counts from 1");
   if (n == 0) return;
-  // Bias corrections in double on the host, as the CPU optimizer computes them.
-  const float bias1 =
-      static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
-  const float bias2 =
-      static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
+  // Bias corrections and 1 - b in double on the host, as the CPU optimizer computes them: in fp32,
+  // 1 - float(0.999) is 1.3e-5 off 0.001, which v would carry.
+  const float bias1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step)));
+  const float bias2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step)));
+  const float b1 = static_cast<float>(beta1), one_minus_b1 = static_cast<float>(1.0 - beta1);
+  const float b2 = static_cast<float>(beta2), one_minus_b2 = static_cast<float>(1.0 - beta2);
   // Four parameters per thread: 16 bytes of each fp32 array, 8 or 16 bytes of the TP and TG arrays.
   constexpr int VF = 4;
   const bool aligned = is_aligned(master, 16) && is_aligned(m, 16) && is_aligned(v, 16) &&
@@ -186,12 +189,14 @@ void adamw_update(TP* param, float* master, float* m, float* v, const TG* grad, 
                        (param == nullptr || is_aligned(param, vec_alignment<VF, TP>()));
   if (use_fast_variant(variant, aligned, "adamw_update")) {
     const int blocks = ceil_div(static_cast<long long>(n / VF + n % VF), adamw_detail::kThreads);
-    adamw_kernel<VF><<<blocks, adamw_detail::kThreads, 0, stream>>>(
-        param, master, m, v, grad, grad_scale, n, lr, beta1, beta2, eps, weight_decay, bias1, bias2);
+    adamw_kernel<VF><<<blocks, adamw_detail::kThreads, 0, stream>>>(param, master, m, v, grad, grad_scale, n,
+                                                                    lr, b1, one_minus_b1, b2, one_minus_b2,
+                                                                    eps, weight_decay, bias1, bias2);
   } else {
     const int blocks = ceil_div(static_cast<long long>(n), adamw_detail::kThreads);
-    adamw_kernel<1><<<blocks, adamw_detail::kThreads, 0, stream>>>(
-        param, master, m, v, grad, grad_scale, n, lr, beta1, beta2, eps, weight_decay, bias1, bias2);
+    adamw_kernel<1><<<blocks, adamw_detail::kThreads, 0, stream>>>(param, master, m, v, grad, grad_scale, n,
+                                                                   lr, b1, one_minus_b1, b2, one_minus_b2,
+                                                                   eps, weight_decay, bias1, bias2);
   }
   CUDA_CHECK_LAUNCH();
 }

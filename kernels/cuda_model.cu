@@ -1018,9 +1018,8 @@ void ModelImpl<T>::adamw_step(double lr, int64_t step) {
     T* working = kBf16 ? work_ + off : nullptr;  // fp32 mode: the master copy is the working copy
     adamw_update(working, master_ + off, adam_m_ + info.grad_offset, adam_v_ + info.grad_offset,
                  grads_ + info.grad_offset, static_cast<const float*>(nullptr), n,
-                 static_cast<float>(lr * adam_.lr_scale[t]), static_cast<float>(adam_.beta1),
-                 static_cast<float>(adam_.beta2), static_cast<float>(adam_.eps),
-                 static_cast<float>(adam_.weight_decay[t]), step, stream_);
+                 static_cast<float>(lr * adam_.lr_scale[t]), adam_.beta1, adam_.beta2,
+                 static_cast<float>(adam_.eps), static_cast<float>(adam_.weight_decay[t]), step, stream_);
   }
 }
 

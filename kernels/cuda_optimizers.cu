@@ -128,9 +128,9 @@ const Q8Tables* device_q8_tables() {
 
 void adamw_step(float* param, float* m, float* v, const float* grad, size_t n, double lr, double beta1,
                 double beta2, double eps, double weight_decay, int64_t step, void* stream) {
-  adamw_update<float, float>(nullptr, param, m, v, grad, nullptr, n, static_cast<float>(lr),
-                             static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-                             static_cast<float>(weight_decay), step, as_stream(stream));
+  adamw_update<float, float>(nullptr, param, m, v, grad, nullptr, n, static_cast<float>(lr), beta1, beta2,
+                             static_cast<float>(eps), static_cast<float>(weight_decay), step,
+                             as_stream(stream));
 }
 
 void lion_step(float* param, float* m, const float* grad, size_t n, double lr, double beta1, double beta2,

@@ -26,7 +26,9 @@ const char* name_of(KernelVariant variant) {
 }
 
 struct Hyper {
-  float lr = 3e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+  float lr = 3e-3f, eps = 1e-8f, weight_decay = 0.1f;
+  // Doubles, as the CPU optimizer holds them; 0.999 is not a float (1 - float(0.999) is 1.3e-5 off).
+  double beta1 = 0.9, beta2 = 0.999;
 };
 
 // The reference: the CPU optimizer's AdamW step, in double, with the gradient multiplied by `scale`.
