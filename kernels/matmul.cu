@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <memory>
@@ -109,6 +110,19 @@ __global__ void column_sum_kernel(TGrad* dbias, const T* dout, int N, int O) {
   }
 }
 
+// c[row, col] += bias[col] over a row-major [M, Nc] C with leading dimension ldc: the bias for a
+// cuBLASLt GEMM whose bias pointer is too poorly aligned for the fused epilogue (see try_cublaslt).
+template <typename TOut>
+__global__ void add_bias_kernel(TOut* c, const TOut* bias, int M, int Nc, int ldc) {
+  const size_t total = static_cast<size_t>(M) * Nc;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t row = i / Nc, col = i % Nc;
+    TOut* out = c + row * ldc + col;
+    *out = from_float<TOut>(to_float(*out) + to_float(bias[col]));
+  }
+}
+
 template <typename TIn, typename TOut>
 void launch_tiled(TOut* c, const TIn* a, const TIn* b, const TOut* bias, int M, int Nc, int K, int lda,
                   int ldb, int ldc, bool trans_a, bool trans_b, float alpha, float beta,
@@ -198,7 +212,11 @@ bool try_cublaslt(BlasLt& blas, cublasComputeType_t compute, TOut* c, const TIn*
       cublasLtMatmulDescSetAttribute(desc.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
   CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(desc.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
-  if (bias != nullptr) {
+  // The preference has no alignment attribute for the bias, so the heuristic may pick a kernel that
+  // loads it 16 bytes at a time (a misaligned-address fault, e.g. a bias at an odd offset of a packed
+  // parameter buffer). Such a bias is added by add_bias_kernel after the GEMM instead.
+  const bool fuse_bias = bias != nullptr && pointer_alignment(bias) >= 16;
+  if (fuse_bias) {
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
                                                 sizeof(epilogue)));
@@ -234,6 +252,13 @@ bool try_cublaslt(BlasLt& blas, cublasComputeType_t compute, TOut* c, const TIn*
   CUBLAS_CHECK(cublasLtMatmul(blas.handle(), desc.desc, &alpha, b, first.layout, a, second.layout, &beta, c,
                               out.layout, c, out.layout, &heuristic.algo, blas.workspace(),
                               blas.workspace_bytes(), stream));
+  if (bias != nullptr && !fuse_bias) {
+    constexpr int kThreads = 256;
+    const long long total = static_cast<long long>(M) * Nc;
+    const int blocks = static_cast<int>(std::min<long long>((total + kThreads - 1) / kThreads, 4096));
+    add_bias_kernel<TOut><<<blocks, kThreads, 0, stream>>>(c, bias, M, Nc, ldc);
+    CUDA_CHECK_LAUNCH();
+  }
   return true;
 }
 

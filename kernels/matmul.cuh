@@ -32,7 +32,9 @@
 //
 // Alignment: cuBLASLt's heuristic assumes 256-byte-aligned pointers unless told otherwise, and picks a
 // kernel that may need it. gemm() measures each pointer's real alignment and passes it in the
-// preference, so row offsets into a matrix (a chunk of tokens, an odd hidden size) are safe. Leading
+// preference, so row offsets into a matrix (a chunk of tokens, an odd hidden size) are safe. The
+// preference cannot describe the bias pointer, so a bias that is not 16-byte aligned is added by a small
+// kernel after the GEMM rather than by the epilogue. Leading
 // dimensions need not be multiples of 8, but tensor-core kernels are only eligible when they are
 // (ld * sizeof(T) a multiple of 16 bytes); callers that own a buffer pad its ld (see classifier.cuh).
 // If cuBLASLt offers no algorithm at all, gemm() falls back to the tiled kernel and says so once on
