@@ -153,18 +153,20 @@ void lora_backward(T* dx, TGrad* dA, TGrad* dB, T* dh, T* work, const T* dout, c
   if (N == 0) return;  // nothing to add; dx has no rows
   const bool dropout = dropout_p > 0.0f;
   const size_t nx = static_cast<size_t>(N) * I;
+  // Checked before any work is queued, so a refused call leaves dB untouched.
+  const bool need_dh = dx != nullptr || dA != nullptr;
+  if (need_dh && dh == nullptr)
+    throw std::invalid_argument("lora_backward: dx or dA needs the dh scratch buffer [N, r]");
+  if (need_dh && dropout && work == nullptr) {
+    throw std::invalid_argument("lora_backward: dropout_p > 0 needs the work scratch buffer [N, I]");
+  }
 
   // dB[O, r] += s dout[N, O]^T h[N, r]
   if (dB != nullptr) {
     gemm<T, TGrad>(dB, dout, h, nullptr, O, r, N, O, r, r, true, false, scale, 1.0f, stream,
                    GemmEngine::kCublasLt, blas);
   }
-  if (dx == nullptr && dA == nullptr) return;
-  if (dh == nullptr)
-    throw std::invalid_argument("lora_backward: dx or dA needs the dh scratch buffer [N, r]");
-  if (dropout && work == nullptr) {
-    throw std::invalid_argument("lora_backward: dropout_p > 0 needs the work scratch buffer [N, I]");
-  }
+  if (!need_dh) return;
 
   // dh[N, r] = s dout[N, O] B[O, r]
   gemm<T, T>(dh, dout, B, nullptr, N, r, O, O, r, r, false, false, scale, 0.0f, stream, GemmEngine::kCublasLt,
