@@ -38,8 +38,8 @@
 //   - dequantisation is one product (__fmul_rn), and the double dequantisation a product then a sum,
 //     each rounded on its own (__fmul_rn, __fadd_rn): a fused multiply-add, which nvcc would otherwise
 //     emit, rounds once and can differ in the last bit from the host, which has no FMA here.
-// The code table and the dynamic map are copies of the reference's (llm_cuda cannot include
-// kernels/cpu/nf4.h: its linear.h needs OpenMP); tests/cuda/test_nf4_cuda.cu checks them bit for bit.
+// The code table and the dynamic map are the reference's own arrays (nf4.cu includes kernels/cpu/nf4.h;
+// llm_cuda links llm_ref for its OpenMP flags), passed to the kernels by value.
 //
 // Kernels.
 //   quantise    one warp per quantisation block: the lanes stride over the block for the absmax (warp

@@ -171,6 +171,10 @@ TEST(CudaNf4Tables, ConstantsEqualTheReference) {
   EXPECT_EQ(llm::cuda::kNf4BlockSize, llm::ref::kNf4BlockSize);
   EXPECT_EQ(llm::cuda::kNf4NestedBlockSize, llm::ref::kNf4NestedBlockSize);
   EXPECT_EQ(llm::cuda::kNf4ZeroCode, llm::ref::kNf4ZeroCode);
+  EXPECT_EQ(std::memcmp(llm::cuda::nf4_code_table(), llm::ref::kNf4Code, sizeof(llm::ref::kNf4Code)), 0);
+  EXPECT_EQ(std::memcmp(llm::cuda::nf4_dynamic_map_table(), llm::ref::kDynamicMapSigned,
+                        sizeof(llm::ref::kDynamicMapSigned)),
+            0);
 }
 
 // Runs without a GPU: bad arguments are refused before any device work.
