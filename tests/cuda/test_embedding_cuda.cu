@@ -148,6 +148,8 @@ TEST(CudaEmbedding, InvalidIdsGiveNanRowsAndNoGradient) {
   DeviceBuffer<int32_t> d_tokens(N);
   upload_floats(d_table, table);
   d_tokens.upload(tokens);
+  // Finite first (not poisoned): an invalid row the kernel forgot to write must not pass as NaN.
+  upload_floats(d_out, std::vector<float>(static_cast<size_t>(N) * C, 0.0f));
   llm::cuda::embedding_forward(d_out.get(), d_tokens.get(), d_table.get(), N, C, V, nullptr);
   CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> out = download_floats(d_out);

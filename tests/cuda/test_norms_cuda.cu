@@ -79,7 +79,8 @@ void check_forward(Norm norm, int N, int C, bool with_branch, KernelVariant vari
   d_out.poison();
   d_mean.poison();
   d_rstd.poison();
-  T* residual_out = !with_branch ? nullptr : in_place ? d_residual_in.get() : d_residual_out.get();
+  // Without a branch residual_out still gets a (poisoned) buffer, so that a stray write would show below.
+  T* residual_out = in_place ? d_residual_in.get() : d_residual_out.get();
   const T* branch_ptr = with_branch ? d_branch.get() : nullptr;
   if (layer) {
     llm::cuda::residual_layernorm_forward(residual_out, d_out.get(), d_mean.get(), d_rstd.get(),
