@@ -409,6 +409,8 @@ class AdamW8bitOnGpu final : public CudaOptimizer {
         beta2_(c.adamw_beta2),
         eps_(c.adamw_eps),
         block_(c.adamw_8bit_block_size) {
+    // As AdamW8bit::init; a block of 0 would divide by zero below.
+    if (block_ < 1) throw std::invalid_argument("adamw_8bit block size must be positive");
     for (const GpuTensor& t : tensors_) {
       const size_t blocks = (t.n + static_cast<size_t>(block_) - 1) / static_cast<size_t>(block_);
       m_codes_.add(t.n);
