@@ -47,7 +47,7 @@
 //             dh   = s G B         (N, r, O)                       alpha s  beta 0
 //             dA  += dh^T x~       (r, I, N)    trans_a            alpha 1  beta 1
 //             dx~  = dh A          (N, I, r)                       alpha 1  beta 0 (p = 0: straight into
-//                                                                  dx with beta 1, no scratch, no mask)
+//                                                                  dx, beta 1 if accumulate_dx, no mask)
 // Leading dimensions are the row lengths (r, I or O): any value works, tensor-core kernels are picked when
 // the rows are 16-byte multiples (r a multiple of 8 in bf16), and gemm() tells cuBLASLt the pointers'
 // real alignment. A fused kernel (dropout in the GEMM's prologue, dh A and the mask in one epilogue) would

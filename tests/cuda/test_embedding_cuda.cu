@@ -3,6 +3,7 @@
 // (bitwise equal for fp32), deterministically run to run, in both variants; invalid ids are flagged.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -44,13 +45,15 @@ void check_forward(int N, int C, int V, KernelVariant variant) {
                            << " C=" << C << ": a row is not an exact copy";
 }
 
-// Runs the backward pass on a gradient that starts at `dtable0` and returns the result.
+// Runs the backward pass on a gradient that starts at `dtable0` and returns the result. The scratch is
+// sized for max(N, planned_rows) tokens, as a trainer sizes it once for its largest batch.
 template <typename T>
 std::vector<T> run_backward(const std::vector<float>& dtable0, const std::vector<float>& dout,
-                            const std::vector<int32_t>& tokens, int N, int C, int V, KernelVariant variant) {
+                            const std::vector<int32_t>& tokens, int N, int C, int V, KernelVariant variant,
+                            int planned_rows = 0) {
   DeviceBuffer<T> d_dtable(dtable0.size()), d_dout(dout.size());
   DeviceBuffer<int32_t> d_tokens(N);
-  const size_t scratch_bytes = llm::cuda::embedding_backward_scratch_bytes(N, V);
+  const size_t scratch_bytes = llm::cuda::embedding_backward_scratch_bytes(std::max(N, planned_rows), V);
   DeviceBuffer<char> d_scratch(scratch_bytes);
   upload_floats(d_dtable, dtable0);
   upload_floats(d_dout, dout);
@@ -137,6 +140,27 @@ TEST(CudaEmbedding, BackwardIsDeterministicWithManyRepeats) {
   std::vector<float> want = dtable0;
   llm::ref::embedding_backward(want.data(), dout.data(), tokens.data(), N, C);
   EXPECT_TRUE(first == want) << "not bitwise equal to the reference";
+}
+
+// A real vocabulary and batch: more tokens than CUB's single-tile sort holds (256 x 19 = 4864 items on
+// sm_80/sm_90), so the multi-tile onesweep sort runs, with 18 key bits (3 passes of 8, which use CUB's
+// extra key and value buffers); and a scratch sized for a larger planned batch than the call's (a short
+// last batch), which must still be accepted (CUB's temporary storage does not shrink below the plan's).
+TEST(CudaEmbedding, LargeVocabularyAndShorterBatchThanPlanned) {
+  SKIP_WITHOUT_GPU();
+  const int V = 151936, C = 8, planned = 16384;
+  const std::vector<float> dtable0 = random_floats(static_cast<size_t>(V) * C, 66);
+  for (int N : {planned, 6001, 1000}) {
+    std::vector<int32_t> tokens = random_ints(N, 67 + static_cast<uint32_t>(N), 0, V - 1);
+    for (int n = 0; n < N; n += 3) tokens[n] = 1234;  // one long run among many short ones
+    const std::vector<float> dout = random_floats(static_cast<size_t>(N) * C, 68);
+    std::vector<float> want = dtable0;
+    llm::ref::embedding_backward(want.data(), dout.data(), tokens.data(), N, C);
+    const std::vector<float> got =
+        to_floats(run_backward<float>(dtable0, dout, tokens, N, C, V, KernelVariant::kAuto, planned));
+    EXPECT_TRUE(got == want) << "N=" << N << " (scratch for " << planned
+                             << "): not bitwise equal to the reference";
+  }
 }
 
 TEST(CudaEmbedding, InvalidIdsGiveNanRowsAndNoGradient) {
