@@ -12,12 +12,14 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/activations.cuh"
@@ -61,7 +63,8 @@ T* alloc(size_t n, uint32_t salt) {
   return p;
 }
 
-// Mean time of one call in milliseconds.
+// Mean time of one call in milliseconds, over kIters back-to-back calls: events around each call (a
+// median) would add the launch gap to kernels of tens of microseconds.
 float time_ms(const std::function<void()>& fn) {
   for (int i = 0; i < kWarmup; ++i) fn();
   cudaEvent_t start, stop;
@@ -79,17 +82,19 @@ float time_ms(const std::function<void()>& fn) {
 }
 
 double g_copy_gbps = 0.0;
+std::vector<std::pair<double, std::string>> g_fast_pct;  // the fast variants' % of copy, for the summary
 
-void report(const char* name, const char* variant, double bytes, float ms) {
+double report(const char* name, const char* variant, double bytes, float ms) {
   const double gbps = bytes / (ms * 1e-3) / 1e9;
   std::printf("%-34s %-6s %9.1f us %8.1f GB/s %6.1f %%\n", name, variant, ms * 1e3, gbps,
               100.0 * gbps / g_copy_gbps);
+  return 100.0 * gbps / g_copy_gbps;
 }
 
 // Times fn(variant) for the clear and the fast variant.
 void bench(const char* name, double bytes, const std::function<void(KernelVariant)>& fn) {
   report(name, "clear", bytes, time_ms([&] { fn(KernelVariant::kClear); }));
-  report(name, "fast", bytes, time_ms([&] { fn(KernelVariant::kFast); }));
+  g_fast_pct.emplace_back(report(name, "fast", bytes, time_ms([&] { fn(KernelVariant::kFast); })), name);
 }
 
 }  // namespace
@@ -134,7 +139,8 @@ int main() {
     const size_t scratch_bytes = llm::cuda::embedding_backward_scratch_bytes(kN, kV);
     void* scratch = nullptr;
     CUDA_CHECK(cudaMalloc(&scratch, scratch_bytes));
-    bench("embedding_forward", 2.0 * NC * s + kN * 4.0, [&](KernelVariant v) {
+    // The minimum: each distinct table row read once, out written, tokens read.
+    bench("embedding_forward", (distinct + kN) * kC * s + kN * 4.0, [&](KernelVariant v) {
       llm::cuda::embedding_forward(out, d_tokens, table, kN, kC, kV, nullptr, v);
     });
     // dout read once, each touched table row read and written; the sort's key traffic is left out.
@@ -208,9 +214,12 @@ int main() {
     CUDA_CHECK(cudaMalloc(&rstd, kN * sizeof(float)));
     CUDA_CHECK(cudaMalloc(&scratch, scratch_floats * sizeof(float)));
     // Forward: residual_in and branch read, residual_out and out written. Backward: dout, x read, d_residual
-    // read and written, plus the partials written and read once.
+    // read and written, plus the partials written and read once. LayerNorm saves mean and rstd and has
+    // dweight and dbias partials (scratch_floats); RMSNorm has rstd and the dweight half only.
     const double fwd_bytes = 4.0 * NC * s + 8.0 * kN;
     const double bwd_bytes = 4.0 * NC * s + 8.0 * kN + 2.0 * scratch_floats * 4.0;
+    const double rms_fwd_bytes = 4.0 * NC * s + 4.0 * kN;
+    const double rms_bwd_bytes = 4.0 * NC * s + 4.0 * kN + scratch_floats * 4.0;
     bench("residual_layernorm_forward", fwd_bytes, [&](KernelVariant v) {
       llm::cuda::residual_layernorm_forward(residual_out, out, mean, rstd, residual_in, branch, weight, bias,
                                             kN, kC, 1e-5f, nullptr, v);
@@ -219,11 +228,11 @@ int main() {
       llm::cuda::residual_layernorm_backward(d_residual, dweight, dbias, scratch, scratch_floats, out,
                                              residual_out, mean, rstd, weight, kN, kC, nullptr, v);
     });
-    bench("residual_rmsnorm_forward", fwd_bytes, [&](KernelVariant v) {
+    bench("residual_rmsnorm_forward", rms_fwd_bytes, [&](KernelVariant v) {
       llm::cuda::residual_rmsnorm_forward(residual_out, out, rstd, residual_in, branch, weight, kN, kC, 1e-5f,
                                           nullptr, v);
     });
-    bench("residual_rmsnorm_backward", bwd_bytes, [&](KernelVariant v) {
+    bench("residual_rmsnorm_backward", rms_bwd_bytes, [&](KernelVariant v) {
       llm::cuda::residual_rmsnorm_backward(d_residual, dweight, scratch, scratch_floats, out, residual_out,
                                            rstd, weight, kN, kC, nullptr, v);
     });
@@ -291,5 +300,10 @@ int main() {
     }
   }
   CUDA_CHECK(cudaDeviceSynchronize());
+  // One line for dev/gpu/check.sh's table.
+  std::sort(g_fast_pct.begin(), g_fast_pct.end());
+  std::printf("\nsummary: memory kernels, fast: median %.0f%% of copy (%.0f GB/s), lowest %.0f%% %s\n",
+              g_fast_pct[g_fast_pct.size() / 2].first, g_copy_gbps, g_fast_pct.front().first,
+              g_fast_pct.front().second.c_str());
   return 0;
 }
