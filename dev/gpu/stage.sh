@@ -44,8 +44,10 @@ json_inc=$(first_existing /usr/include/nlohmann) || die "/usr/include/nlohmann n
 json_cmake=$(first_existing /usr/share/cmake/nlohmann_json /usr/lib/cmake/nlohmann_json \
   /usr/lib/x86_64-linux-gnu/cmake/nlohmann_json) || die "nlohmann_json CMake package files not found"
 pcre_h=$(first_existing /usr/include/pcre2.h) || die "/usr/include/pcre2.h not found (apt-get install libpcre2-dev)"
-libdir=$(dirname "$(first_existing /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 /lib/x86_64-linux-gnu/libpcre2-8.so.0 \
-  /usr/lib64/libpcre2-8.so.0 /usr/lib/libpcre2-8.so.0)") || die "libpcre2-8.so.0 not found"
+# Two steps: in $(dirname "$(...)") the inner failure would be lost and libdir would be ".".
+pcre_so=$(first_existing /usr/lib/x86_64-linux-gnu/libpcre2-8.so.0 /lib/x86_64-linux-gnu/libpcre2-8.so.0 \
+  /usr/lib64/libpcre2-8.so.0 /usr/lib/libpcre2-8.so.0) || die "libpcre2-8.so.0 not found"
+libdir=$(dirname "$pcre_so")
 pcre_pc=$(first_existing "$libdir/pkgconfig/libpcre2-8.pc" /usr/lib/x86_64-linux-gnu/pkgconfig/libpcre2-8.pc \
   /usr/lib/pkgconfig/libpcre2-8.pc /usr/share/pkgconfig/libpcre2-8.pc) || die "libpcre2-8.pc not found"
 
