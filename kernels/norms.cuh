@@ -269,7 +269,9 @@ void launch_backward_rows(T* d_residual, float* partials, const T* dout, const T
                           cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(kLayerNorm ? 2 : 1) * C * sizeof(float);
   auto kernel = residual_norm_backward_kernel<kLayerNorm, VEC, T>;
-  if (smem > 48 * 1024) {
+  // The kernel's static `shared[32]` counts against the same 48 KiB default (e.g. RMSNorm at C = 12288).
+  constexpr size_t kStaticSmem = 32 * sizeof(float);
+  if (smem + kStaticSmem > 48 * 1024) {
     // Above 48 KiB a kernel must opt in to more dynamic shared memory (up to 227 KiB on H100).
     CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
