@@ -211,12 +211,13 @@ TYPED_TEST(Classifier, ExtremeLogitsStayFinite) {
   for (float v : r.dw) ASSERT_TRUE(std::isfinite(v));
   ASSERT_TRUE(std::isfinite(r.loss[0]));
   if (std::is_same_v<T, float>) {
-    expect_matches(p, r, 1e-4);
+    // fp32 rounding of lse ~150 (ulp 1.5e-5) moves p by ~1e-5 relative: dh, dW ~4e-6 in a CPU emulation.
+    expect_matches(p, r, tolerance<T>());
   } else {
-    // bf16 rounds logits of ~100 by up to 0.25: the logprobs still agree to a few percent.
+    // bf16 rounds logits of ~150 by up to 0.5: logprobs and lse still agree to ~2e-3 (CPU emulation).
     const Expected want = p.reference();
-    expect_relative_error("logprobs", r.logprobs, want.logprobs, 5e-2);
-    expect_relative_error("lse", r.lse, want.lse, 2e-2);
+    expect_relative_error("logprobs", r.logprobs, want.logprobs, tolerance<T>());
+    expect_relative_error("lse", r.lse, want.lse, tolerance<T>());
   }
 }
 
