@@ -193,14 +193,15 @@ void read_adapter_config(const std::string& path, PeftAdapter& adapter, std::vec
 
 template <typename T>
 const T* checked_tensor(const ParameterLayout& layout, const std::string& name,
-                        const std::vector<int64_t>& shape, const T* params) {
+                        const std::vector<int64_t>& shape, const T* params, bool at_grad_offsets = false) {
   if (!layout.contains(name)) throw AdapterError("the parameter layout has no tensor " + name);
   const TensorInfo& t = layout.at(name);
   if (t.shape != shape) {
     throw AdapterError("tensor " + name + " has shape " + shape_string(t.shape) + ", the adapter needs " +
                        shape_string(shape));
   }
-  return params + t.offset;
+  if (at_grad_offsets && !t.trainable) throw AdapterError("tensor " + name + " is not trainable");
+  return params + (at_grad_offsets ? t.grad_offset : t.offset);
 }
 
 }  // namespace
@@ -248,10 +249,13 @@ json peft_adapter_config(const ModelConfig& config, const LoraSettings& settings
   return j;
 }
 
+namespace {
+
+// save_peft_adapter, reading each adapter tensor at its offset, or (at_grad_offsets) its grad_offset.
 template <typename T>
-void save_peft_adapter(const std::string& dir, const ModelConfig& config, const LoraSettings& settings,
-                       const ParameterLayout& layout, const T* params,
-                       const std::string& base_model_name_or_path, SafeDType dtype) {
+void save_adapter(const std::string& dir, const ModelConfig& config, const LoraSettings& settings,
+                  const ParameterLayout& layout, const T* params, bool at_grad_offsets,
+                  const std::string& base_model_name_or_path, SafeDType dtype) {
   if (!settings.enabled) throw AdapterError("save_peft_adapter: LoRA is not enabled in these settings");
   try {
     validate_lora_settings(settings);
@@ -268,7 +272,7 @@ void save_peft_adapter(const std::string& dir, const ModelConfig& config, const 
     for (int which = 0; which < 2; ++which) {
       const std::string name = which == 0 ? m.a_name() : m.b_name();
       const std::vector<int64_t> shape = which == 0 ? a_shape(m, settings.r) : b_shape(m, settings.r);
-      const T* src = checked_tensor(layout, name, shape, params);
+      const T* src = checked_tensor(layout, name, shape, params, at_grad_offsets);
       const float* data = nullptr;
       if constexpr (std::is_same_v<T, float>) {
         data = src;
@@ -292,6 +296,26 @@ void save_peft_adapter(const std::string& dir, const ModelConfig& config, const 
   } catch (const std::exception& e) {
     throw AdapterError(e.what());
   }
+}
+
+}  // namespace
+
+template <typename T>
+void save_peft_adapter(const std::string& dir, const ModelConfig& config, const LoraSettings& settings,
+                       const ParameterLayout& layout, const T* params,
+                       const std::string& base_model_name_or_path, SafeDType dtype) {
+  save_adapter(dir, config, settings, layout, params, false, base_model_name_or_path, dtype);
+}
+
+void save_peft_adapter_from_trainable(const std::string& dir, const ModelConfig& config,
+                                      const LoraSettings& settings, const ParameterLayout& layout,
+                                      const std::vector<float>& trainable,
+                                      const std::string& base_model_name_or_path, SafeDType dtype) {
+  if (trainable.size() != layout.trainable_elements()) {
+    throw AdapterError("save_peft_adapter_from_trainable: " + std::to_string(trainable.size()) +
+                       " values for " + std::to_string(layout.trainable_elements()) + " trainable ones");
+  }
+  save_adapter(dir, config, settings, layout, trainable.data(), true, base_model_name_or_path, dtype);
 }
 
 PeftAdapter load_peft_adapter(const std::string& dir, const ModelConfig& config) {

@@ -80,6 +80,13 @@ template <typename T>
 void save_peft_adapter(const std::string& dir, const ModelConfig& config, const LoraSettings& settings,
                        const ParameterLayout& layout, const T* params,
                        const std::string& base_model_name_or_path, SafeDType dtype = SafeDType::kF32);
+// The same from the trainable tensors alone, each at its grad_offset (TrainBackend::
+// read_trainable_parameters): no copy of the frozen base is needed.
+void save_peft_adapter_from_trainable(const std::string& dir, const ModelConfig& config,
+                                      const LoraSettings& settings, const ParameterLayout& layout,
+                                      const std::vector<float>& trainable,
+                                      const std::string& base_model_name_or_path,
+                                      SafeDType dtype = SafeDType::kF32);
 
 // Reads and checks an adapter folder against `config`. Throws AdapterError.
 PeftAdapter load_peft_adapter(const std::string& dir, const ModelConfig& config);

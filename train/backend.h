@@ -4,6 +4,7 @@
 // with the kernels, so the loops in train/ are written once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -54,6 +55,28 @@ class TrainBackend {
   // Host copies of the parameter arena (layout order) and the optimizer state.
   virtual std::vector<float> read_parameters() = 0;
   virtual void write_parameters(const std::vector<float>& values) = 0;
+  // The trainable tensors only (LoRA: the adapters), each at its grad_offset: layout().trainable_elements()
+  // values. A backend with a frozen base may override these to avoid copying the whole base.
+  virtual std::vector<float> read_trainable_parameters() {
+    const std::vector<float> all = read_parameters();
+    std::vector<float> out(layout().trainable_elements());
+    for (const auto& t : layout().tensors()) {
+      if (t.trainable) std::copy_n(all.begin() + t.offset, t.numel, out.begin() + t.grad_offset);
+    }
+    return out;
+  }
+  virtual void write_trainable_parameters(const std::vector<float>& values) {
+    if (values.size() != layout().trainable_elements()) {
+      throw std::invalid_argument("trainable parameter count " + std::to_string(values.size()) +
+                                  " does not match the model's " +
+                                  std::to_string(layout().trainable_elements()));
+    }
+    std::vector<float> all = read_parameters();
+    for (const auto& t : layout().tensors()) {
+      if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, all.begin() + t.offset);
+    }
+    write_parameters(all);
+  }
   virtual std::vector<StateBuffer> optimizer_state() = 0;
   virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
   virtual std::string optimizer_name() const = 0;

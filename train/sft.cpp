@@ -200,10 +200,25 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   bo.lora = config.lora;
   bo.quant = config.quant;
   const std::unique_ptr<TrainBackend> backend = make_backend(device, tc.model, tc.optimizer, bo);
+  // LoRA: checkpoints leave the frozen base out and name it by a fingerprint of its values (before NF4
+  // quantisation, which is deterministic), checked on resume.
+  json frozen_base;
   if (!base.empty()) {
     std::vector<float> all = backend->read_parameters();  // adapters initialised, base random
     std::copy(base.begin(), base.end(), all.begin());
+    if (config.lora.enabled) {
+      frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), all.data(), all.size());
+    }
+    std::vector<float>().swap(base);  // the backend holds the values now
     backend->write_parameters(all);
+  } else if (config.lora.enabled) {
+    const std::vector<float> all = backend->read_parameters();
+    frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), all.data(), all.size());
+  }
+  if (config.lora.enabled) {
+    frozen_base["source"] = config.base_model.empty() ? "random init" : config.base_model;
+    frozen_base["nf4"] = config.quant.nf4;
+    frozen_base["double_quant"] = config.quant.nf4 && config.quant.double_quant;
   }
   if (config.quant.nf4) backend->quantize_base_nf4();
 
@@ -251,14 +266,16 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   if (tc.sample_stop.empty()) tc.sample_stop = end_of_turn(chat_template);
 
   Trainer trainer(tc, *backend, train, val.get(), *tokenizer);
+  trainer.frozen_base = frozen_base;
   // What the best and the last step leave besides the checkpoints: PEFT adapters with LoRA, else (full
   // fine-tuning) a Hugging Face folder with the base folder's tokenizer files.
   auto export_model = [&](const std::string& folder) {
-    const std::vector<float> params = backend->read_parameters();
     const std::string dir = tc.output_dir + "/" + folder;
     if (config.lora.enabled) {
-      save_peft_adapter(dir, tc.model, config.lora, backend->layout(), params.data(), config.base_model);
+      save_peft_adapter_from_trainable(dir, tc.model, config.lora, backend->layout(),
+                                       backend->read_trainable_parameters(), config.base_model);
     } else {
+      const std::vector<float> params = backend->read_parameters();
       HfExportOptions hf;
       hf.source_dir = is_dir(config.base_model) ? config.base_model : "";
       hf.dtype = base_dtype;

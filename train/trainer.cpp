@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <stdexcept>
@@ -102,10 +103,24 @@ Checkpoint Trainer::make_checkpoint(int64_t step) {
   ck.meta["tokens_seen"] = tokens_seen_;
   ck.meta["optimizer_step_offset"] = optimizer_step_offset_;
   ck.meta["evals_without_improvement"] = evals_without_improvement_;
-  const std::vector<float> params = backend_.read_parameters();
-  for (const auto& t : backend_.layout().tensors()) {
-    ck.arrays.push_back({t.name, "param", t.shape,
-                         std::vector<float>(params.begin() + t.offset, params.begin() + t.offset + t.numel)});
+  if (adapters_only_checkpoints()) {
+    // The frozen base is not saved: a resumed run loads it again from its source, and the header's
+    // frozen_base checks that it is the same.
+    ck.meta["frozen_base"] = frozen_base;
+    const std::vector<float> params = backend_.read_trainable_parameters();
+    for (const auto& t : backend_.layout().tensors()) {
+      if (!t.trainable) continue;
+      ck.arrays.push_back(
+          {t.name, "param", t.shape,
+           std::vector<float>(params.begin() + t.grad_offset, params.begin() + t.grad_offset + t.numel)});
+    }
+  } else {
+    const std::vector<float> params = backend_.read_parameters();
+    for (const auto& t : backend_.layout().tensors()) {
+      ck.arrays.push_back(
+          {t.name, "param", t.shape,
+           std::vector<float>(params.begin() + t.offset, params.begin() + t.offset + t.numel)});
+    }
   }
   for (auto& s : backend_.optimizer_state()) ck.arrays.push_back({s.name, "optimizer", {}, s.data});
   return ck;
@@ -118,6 +133,16 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
   };
   // Everything is checked before anything is changed, so a refused checkpoint leaves the run as it was.
   if (!ck.meta.contains("model") || ck.meta["model"] != config_.model.to_json()) {
+    json saved = ck.meta.contains("model") ? ck.meta["model"] : json(), current = config_.model.to_json();
+    if (saved.is_object() && saved.contains("tokenizer_name")) {
+      const json saved_tokenizer = saved["tokenizer_name"], current_tokenizer = current["tokenizer_name"];
+      saved.erase("tokenizer_name");
+      current.erase("tokenizer_name");
+      if (saved == current) {  // e.g. a Hugging Face base folder that moved: its path names the tokenizer
+        throw fail("it was made with the tokenizer " + saved_tokenizer.dump() + ", and this config's is " +
+                   current_tokenizer.dump());
+      }
+    }
     throw fail("it was made for a different model architecture than this config describes");
   }
   const json& meta = ck.meta;
@@ -126,8 +151,35 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
     throw fail("its header lacks the step or the data loader state");
   }
   const int64_t step = meta["step"].get<int64_t>();
-  std::vector<float> params(backend_.layout().total_elements());
+  // A checkpoint with a frozen_base holds the trainable tensors only; the base must be the one this run
+  // loaded.
+  const bool adapters_only = meta.contains("frozen_base");
+  if (adapters_only) {
+    const json& saved = meta["frozen_base"];
+    const auto source = [](const json& base) {
+      return base.is_object() && base.contains("source") && base["source"].is_string()
+                 ? base["source"].get<std::string>()
+                 : std::string("an unnamed base");
+    };
+    if (frozen_base.is_null()) {
+      throw fail("it holds only the trainable tensors of a model whose frozen base is " + source(saved) +
+                 ", and this run has no frozen base");
+    }
+    json saved_id = saved, current_id = frozen_base;
+    if (saved_id.is_object()) saved_id.erase("source");
+    if (current_id.is_object()) current_id.erase("source");
+    if (saved_id != current_id) {
+      throw fail("it was trained on another frozen base (" + source(saved) + ": " + saved_id.dump() +
+                 "; this run: " + source(frozen_base) + ": " + current_id.dump() +
+                 "): a different base_model, or other quantisation settings");
+    }
+  }
+  const size_t stored =
+      adapters_only ? backend_.layout().trainable_elements() : backend_.layout().total_elements();
+  std::vector<float> params(stored);
   std::set<std::string> loaded;
+  size_t expected_tensors = 0;
+  for (const auto& t : backend_.layout().tensors()) expected_tensors += !adapters_only || t.trainable;
   std::vector<StateBuffer> optimizer_state;
   for (const auto& a : ck.arrays) {
     if (a.kind == "optimizer") {
@@ -136,13 +188,14 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
     }
     if (!backend_.layout().contains(a.name)) throw fail("unexpected tensor " + a.name);
     const TensorInfo& t = backend_.layout().at(a.name);
+    if (adapters_only && !t.trainable) throw fail("tensor " + a.name + " is frozen and should not be in it");
     if (a.shape != t.shape || static_cast<int64_t>(a.data.size()) != t.numel) {
       throw fail("tensor " + a.name + " has the wrong shape");
     }
     if (!loaded.insert(a.name).second) throw fail("tensor " + a.name + " appears twice");
-    std::copy(a.data.begin(), a.data.end(), params.begin() + t.offset);
+    std::copy(a.data.begin(), a.data.end(), params.begin() + (adapters_only ? t.grad_offset : t.offset));
   }
-  if (loaded.size() != backend_.layout().tensors().size()) throw fail("some parameter tensors are missing");
+  if (loaded.size() != expected_tensors) throw fail("some parameter tensors are missing");
   // Fresh optimizer state counts its own steps from 1 (AdamW's bias correction assumes it).
   int64_t optimizer_step_offset = step;
   if (load_optimizer_state) {
@@ -173,7 +226,11 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
     }
   }
   optimizer_step_offset_ = optimizer_step_offset;
-  backend_.write_parameters(params);
+  if (adapters_only) {
+    backend_.write_trainable_parameters(params);
+  } else {
+    backend_.write_parameters(params);
+  }
   data_state_ = meta["data_state"];
   best_val_loss_ = meta.contains("best_val_loss") && meta["best_val_loss"].is_number()
                        ? meta["best_val_loss"].get<double>()
@@ -186,6 +243,35 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
           ? meta["evals_without_improvement"].get<int>()
           : 0;
   return step;
+}
+
+bool Trainer::adapters_only_checkpoints() const {
+  if (frozen_base.is_null()) return false;
+  for (const auto& t : backend_.layout().tensors())
+    if (!t.trainable) return true;
+  return false;
+}
+
+std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const float* params, size_t count) {
+  uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
+  for (const auto& t : layout.tensors()) {
+    if (t.trainable) continue;
+    const size_t n = static_cast<size_t>(t.numel);
+    if (t.offset + n > count) {
+      throw std::invalid_argument("frozen_tensors_fingerprint: " + t.name + " lies beyond the " +
+                                  std::to_string(count) + " values given");
+    }
+    const float* v = params + t.offset;
+    for (size_t i = 0; i < n; i += 2) {
+      uint32_t bits[2] = {0, 0};
+      std::memcpy(bits, v + i, (i + 1 < n ? 2 : 1) * sizeof(float));
+      hash = (hash ^ (static_cast<uint64_t>(bits[1]) << 32 | bits[0])) * 1099511628211ull;  // FNV prime
+      hash ^= hash >> 32;  // a product carries low bits up only; this carries the high ones down
+    }
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(hash));
+  return hex;
 }
 
 bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {

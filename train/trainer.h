@@ -52,9 +52,16 @@ class Trainer {
   // Called after each checkpoint file is written ("best.ckpt", "latest.ckpt", "step_N.ckpt"), e.g. to
   // write LoRA adapters beside it.
   std::function<void(const std::string& file, int64_t step)> after_save;
+  // Identifies the frozen base weights (LoRA, QLoRA), e.g. {"source", "fingerprint", "nf4",
+  // "double_quant"}. When set and the layout has frozen tensors, checkpoints hold the trainable tensors
+  // only, with this value in their header, and resuming one needs an equal value (all but "source", which
+  // only names where the base came from). Null: checkpoints hold every tensor.
+  json frozen_base;
   std::string generate(const std::string& prompt, int max_tokens, uint64_t sample_counter);
 
  private:
+  // Whether checkpoints leave the frozen base out (frozen_base set, and some tensor frozen).
+  bool adapters_only_checkpoints() const;
   // Writes a checkpoint; false (and nothing written) when it would hold a non-finite value.
   bool save(const std::string& file, int64_t step, RunResult& result);
   void log_metrics(const json& entry);
@@ -72,6 +79,12 @@ class Trainer {
   int64_t optimizer_step_offset_ = 0;
   int evals_without_improvement_ = 0;
 };
+
+// A 64-bit fingerprint, as 16 hex digits, of the values of the frozen tensors of `layout` (layout order),
+// read from `params` at the layout offsets; `count` (the size of params) must cover them. FNV-1a's
+// multiply over the values' bits, eight bytes at a time, each step folded with a shift so that every bit
+// reaches every other: not cryptographic, it tells bases apart.
+std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const float* params, size_t count);
 
 // Builds the tokenizer, datasets, loaders and backend from a config and runs it: what
 // ./train_pretrain does. Returns the process exit code.

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -322,6 +323,24 @@ TEST(PeftSave, RoundTripAndConfigFields) {
   std::copy(params.begin(), params.begin() + static_cast<long>(base_total), again.begin());
   llm::copy_adapter_tensors(back, layout, again.data());
   EXPECT_EQ(again, params);
+
+  // From the trainable tensors alone, each at its grad_offset (as a backend reads them for a LoRA run):
+  // the same files, byte for byte.
+  std::vector<float> trainable(layout.trainable_elements());
+  for (const auto& t : layout.tensors()) {
+    if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, trainable.begin() + t.grad_offset);
+  }
+  const std::string from_trainable = tmp.sub("from_trainable");
+  llm::save_peft_adapter_from_trainable(from_trainable, config, s, layout, trainable, "org/base-model");
+  const auto bytes = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  for (const char* file : {"/adapter_model.safetensors", "/adapter_config.json"})
+    EXPECT_EQ(bytes(dir + file), bytes(from_trainable + file)) << file;
+  trainable.pop_back();
+  EXPECT_THROW(llm::save_peft_adapter_from_trainable(tmp.sub("short"), config, s, layout, trainable, ""),
+               llm::AdapterError);
 
   // An integer alpha is written as an integer, as PEFT does; bf16 rounds each value once.
   s.alpha = 16;

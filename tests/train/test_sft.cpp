@@ -238,8 +238,8 @@ TEST(SftTraining, EarlyStoppingEndsTheRunAndKeepsALatestCheckpoint) {
 }
 
 // A small Qwen2-style Hugging Face folder with the fixture BPE tokenizer and random weights.
-std::string small_hf_folder(llm::ModelConfig& config) {
-  const std::string dir = temp_dir("base");
+std::string small_hf_folder(llm::ModelConfig& config, uint64_t seed = 21, const std::string& name = "base") {
+  const std::string dir = temp_dir(name);
   config = llm::ModelConfig{};
   config.vocab_size = 912;
   config.d_model = 32;
@@ -252,7 +252,7 @@ std::string small_hf_folder(llm::ModelConfig& config) {
   config.attention_bias = true;
   config.tie_word_embeddings = true;
   llm::Model<float> model(config, llm::ModelOptions(1, 8, false));
-  model.init_weights(21);
+  model.init_weights(seed);
   llm::HfExportOptions options;
   options.source_dir = std::string(LLM_SOURCE_DIR) + "/tests/fixtures/tokenizers/qwen2";
   llm::save_hf_model(dir, model, options);
@@ -283,10 +283,27 @@ void run_example_config(const std::string& name, bool nf4) {
   llm::Model<float> merged_model(config, llm::ModelOptions(1, 16, false));
   std::copy(merged.begin(), merged.end(), merged_model.parameters().begin());
 
+  // The trained model: the base (through NF4 for QLoRA) and the checkpoint's tensors, which are the
+  // adapters alone, with the base named in the header.
   llm::Model<float> trained(config, llm::ModelOptions(1, 16, false, c.lora));
-  const std::vector<float> saved = checkpoint_params(out + "/latest.ckpt");
-  ASSERT_EQ(saved.size(), trained.parameters().size());
-  trained.parameters() = saved;
+  std::vector<float> base_values = llm::load_hf_parameters(base, config);
+  if (nf4) llm::nf4_round_trip_base(config, c.quant, base_values);
+  std::copy(base_values.begin(), base_values.end(), trained.parameters().begin());
+  const llm::Checkpoint ck = llm::read_checkpoint(out + "/latest.ckpt");
+  EXPECT_EQ(ck.meta["frozen_base"]["source"], base);
+  EXPECT_EQ(ck.meta["frozen_base"]["nf4"], nf4);
+  size_t saved_tensors = 0;
+  for (const auto& a : ck.arrays) {
+    if (a.kind != "param") continue;
+    EXPECT_NE(a.name.find(".lora_"), std::string::npos) << a.name << ": a base tensor in a LoRA checkpoint";
+    const llm::TensorInfo& t = trained.layout().at(a.name);
+    ASSERT_EQ(a.data.size(), static_cast<size_t>(t.numel)) << a.name;
+    std::copy(a.data.begin(), a.data.end(), trained.parameters().begin() + t.offset);
+    ++saved_tensors;
+  }
+  size_t adapter_tensors = 0;
+  for (const auto& t : trained.layout().tensors()) adapter_tensors += t.trainable;
+  EXPECT_EQ(saved_tensors, adapter_tensors);
   merged_model.set_training(false);
   trained.set_training(false);
   const std::vector<int32_t> ids{3, 17, 250, 9, 800, 41, 5, 77};
@@ -301,6 +318,82 @@ void run_example_config(const std::string& name, bool nf4) {
   EXPECT_LT(max_diff, 1e-5 * std::max(1.0, max_logit)) << name;
   fs::remove_all(base);
   fs::remove_all(out);
+}
+
+// LoRA checkpoints hold the adapters alone and name their frozen base by a fingerprint of its values. A
+// rerun on another base is refused; the same base from another folder resumes bitwise; and a checkpoint
+// written with every tensor and no frozen_base (as before adapters-only checkpoints) still resumes.
+TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
+  llm::ModelConfig config;
+  const std::string base = small_hf_folder(config);
+  const std::string a = temp_dir("adapters_a"), b = temp_dir("adapters_b");
+  const auto run_config = [](const std::string& out, const std::string& base_dir) {
+    json c = tiny_run_config(out);
+    c.erase("model");
+    c["base_model"] = base_dir;
+    c["max_length"] = 128;
+    return llm::sft_config_from_json(c, "adapters.json");
+  };
+  ASSERT_EQ(llm::run_sft(run_config(a, base), quiet()), 0);
+  const llm::Checkpoint ck = llm::read_checkpoint(a + "/step_00000004.ckpt");
+  const llm::ParameterLayout base_layout(config);
+  size_t adapters = 0;
+  for (const auto& array : ck.arrays) {
+    if (array.kind != "param") continue;
+    EXPECT_FALSE(base_layout.contains(array.name)) << array.name << ": a base tensor in a LoRA checkpoint";
+    ++adapters;
+  }
+  EXPECT_EQ(adapters, 2u * 7u * 2u);  // A and B of 7 modules in each of 2 layers
+  EXPECT_EQ(ck.meta["frozen_base"]["source"], base);
+  EXPECT_EQ(ck.meta["frozen_base"]["fingerprint"].get<std::string>().size(), 16u);
+  EXPECT_EQ(ck.meta["frozen_base"]["nf4"], false);
+  const std::string final_adapter = "/final_lora_adapters/adapter_model.safetensors";
+
+  // The base folder's weights replaced by others of the same shapes: the automatic resume is refused,
+  // saying why and what to do.
+  fs::copy_file(a + "/step_00000004.ckpt", b + "/latest.ckpt");
+  small_hf_folder(config, 22, "base");
+  try {
+    llm::run_sft(run_config(b, base), quiet());
+    ADD_FAILURE() << "resumed on another base";
+  } catch (const llm::CheckpointError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("another frozen base"), std::string::npos) << what;
+    EXPECT_NE(what.find("--fresh"), std::string::npos) << what;
+  }
+  // The base folder moved: its path names the tokenizer, and the refusal says so.
+  small_hf_folder(config, 21, "base");  // the original weights again
+  const std::string moved = temp_dir("moved_base");
+  fs::copy(base, moved, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  try {
+    llm::run_sft(run_config(b, moved), quiet());
+    ADD_FAILURE() << "resumed with another tokenizer path";
+  } catch (const llm::CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("made with the tokenizer"), std::string::npos) << e.what();
+  }
+  // The original base: the result is the uninterrupted run's, bit for bit.
+  ASSERT_EQ(llm::run_sft(run_config(b, base), quiet()), 0);
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  EXPECT_EQ(file_bytes(a + final_adapter), file_bytes(b + final_adapter));
+
+  // A checkpoint with every tensor and no frozen_base resumes too.
+  llm::Checkpoint full = ck;
+  full.meta.erase("frozen_base");
+  const std::vector<float> base_values = llm::load_hf_parameters(base, config);
+  for (const auto& t : base_layout.tensors()) {
+    full.arrays.push_back(
+        {t.name, "param", t.shape,
+         std::vector<float>(base_values.begin() + t.offset, base_values.begin() + t.offset + t.numel)});
+  }
+  fs::remove_all(b);
+  fs::create_directories(b);
+  llm::write_checkpoint(b + "/latest.ckpt", full);
+  ASSERT_EQ(llm::run_sft(run_config(b, base), quiet()), 0);
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  EXPECT_EQ(file_bytes(a + final_adapter), file_bytes(b + final_adapter));
+  for (const std::string& dir : {base, moved, a, b}) fs::remove_all(dir);
 }
 
 // Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and the result is
