@@ -249,6 +249,8 @@ struct CudaModel::Impl {
   virtual MemoryPlan memory_plan() const = 0;
   virtual void upload_parameters(const std::vector<float>& values) = 0;
   virtual std::vector<float> download_parameters() const = 0;
+  virtual void upload_trainable_parameters(const std::vector<float>& values) = 0;
+  virtual std::vector<float> download_trainable_parameters() const = 0;
   virtual void quantize_base_nf4(const Nf4HostQuantizer& quantize) = 0;
   virtual bool nf4_quantized() const = 0;
   virtual size_t device_offset(const std::string& name) const = 0;
@@ -291,6 +293,8 @@ class ModelImpl final : public CudaModel::Impl {
   MemoryPlan memory_plan() const override;
   void upload_parameters(const std::vector<float>& values) override;
   std::vector<float> download_parameters() const override;
+  void upload_trainable_parameters(const std::vector<float>& values) override;
+  std::vector<float> download_trainable_parameters() const override;
   void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
   bool nf4_quantized() const override { return nf4_ready_; }
   size_t device_offset(const std::string& name) const override {
@@ -888,6 +892,38 @@ std::vector<float> ModelImpl<T>::download_parameters() const {
     } else {
       std::copy(nf4_pending_.begin() + s.pending, nf4_pending_.begin() + s.pending + s.n, dst);
     }
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return out;
+}
+
+// Trainable tensors are never NF4 and always have a device master (see dev_offset_).
+template <typename T>
+void ModelImpl<T>::upload_trainable_parameters(const std::vector<float>& values) {
+  if (values.size() != layout.trainable_elements()) {
+    throw std::invalid_argument("trainable parameter count " + std::to_string(values.size()) +
+                                " does not match the model's " + std::to_string(layout.trainable_elements()));
+  }
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    const TensorInfo& t = layout.tensors()[i];
+    if (!t.trainable) continue;
+    CUDA_CHECK(cudaMemcpyAsync(master_ + dev_offset_[i], values.data() + t.grad_offset,
+                               static_cast<size_t>(t.numel) * sizeof(float), cudaMemcpyHostToDevice,
+                               stream_));
+  }
+  refresh_working_copy();
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+template <typename T>
+std::vector<float> ModelImpl<T>::download_trainable_parameters() const {
+  std::vector<float> out(layout.trainable_elements());
+  for (size_t i = 0; i < layout.tensors().size(); ++i) {
+    const TensorInfo& t = layout.tensors()[i];
+    if (!t.trainable) continue;
+    CUDA_CHECK(cudaMemcpyAsync(out.data() + t.grad_offset, master_ + dev_offset_[i],
+                               static_cast<size_t>(t.numel) * sizeof(float), cudaMemcpyDeviceToHost,
+                               stream_));
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   return out;
@@ -1594,6 +1630,12 @@ void CudaModel::upload_parameters(const std::vector<float>& values) {
 }
 std::vector<float> CudaModel::download_parameters() const {
   return impl_->download_parameters();
+}
+void CudaModel::upload_trainable_parameters(const std::vector<float>& values) {
+  impl_->upload_trainable_parameters(values);
+}
+std::vector<float> CudaModel::download_trainable_parameters() const {
+  return impl_->download_trainable_parameters();
 }
 void CudaModel::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
   impl_->quantize_base_nf4(quantize);

@@ -111,6 +111,10 @@ class CudaModel {
   // dequantised NF4 values again is not guaranteed to give the same codes. Everything else is uploaded.
   void upload_parameters(const std::vector<float>& values);
   std::vector<float> download_parameters() const;
+  // The trainable tensors only, each at its grad_offset (layout().trainable_elements() values): what a
+  // LoRA checkpoint holds, without a host copy of the frozen base. Upload refreshes the working copy.
+  void upload_trainable_parameters(const std::vector<float>& values);
+  std::vector<float> download_trainable_parameters() const;
   // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
   // (the CPU reference on the host: llm::nf4_quantize_weights, in llm_core, which this library does not
   // link) and uploads the codes and absmax.

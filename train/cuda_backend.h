@@ -63,6 +63,10 @@ class CudaBackend : public TrainBackend {
   void update_hessian_estimate(const TokenBatch& batch, int batch_tokens, uint64_t sample_counter) override;
   std::vector<float> read_parameters() override { return model_.download_parameters(); }
   void write_parameters(const std::vector<float>& values) override { model_.upload_parameters(values); }
+  std::vector<float> read_trainable_parameters() override { return model_.download_trainable_parameters(); }
+  void write_trainable_parameters(const std::vector<float>& values) override {
+    model_.upload_trainable_parameters(values);
+  }
   std::vector<StateBuffer> optimizer_state() override;
   void load_optimizer_state(const std::vector<StateBuffer>& state) override;
   std::string optimizer_name() const override { return optimizer_name_; }

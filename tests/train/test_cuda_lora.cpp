@@ -398,6 +398,45 @@ bool beyond_bf16(float x) {
 
 // In bf16 mode the frozen tensors have no fp32 master on the device: their exact values are kept on the
 // host, and their bf16 working copy is converted at upload.
+// What LoRA checkpoints read and write: the trainable tensors alone, at their grad offsets. The GPU's own
+// copies (no host copy of the base) equal the generic path of TrainBackend, and writing them updates the
+// bf16 working copy the forward pass uses.
+TEST(CudaLora, TrainableParametersReadAndWriteTheAdaptersAlone) {
+  SKIP_WITHOUT_GPU();
+  OptimizerConfig opt;
+  const ModelConfig c = llama_like();
+  for (Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    for (bool nf4 : {false, true}) {
+      SCOPED_TRACE(std::string(nf4 ? "QLoRA" : "LoRA") +
+                   (precision == Precision::kBf16 ? ", bf16" : ", fp32"));
+      const BackendOptions o = backend_options(2, 12, lora_settings(0.0), nf4);
+      CpuBackend cpu(c, opt, o);
+      CudaBackend gpu(c, opt, o, precision);
+      if (nf4) {
+        cpu.quantize_base_nf4();
+        gpu.quantize_base_nf4();
+      }
+      randomise_lora_b(cpu, gpu);
+      EXPECT_TRUE(same_bits(gpu.read_trainable_parameters(), gpu.TrainBackend::read_trainable_parameters()));
+      std::vector<float> adapters = cpu.read_trainable_parameters();
+      ASSERT_EQ(adapters.size(), gpu.layout().trainable_elements());
+      std::mt19937 rng(12);
+      std::normal_distribution<float> normal(0.0f, 0.05f);
+      for (float& v : adapters) v += normal(rng);
+      cpu.write_trainable_parameters(adapters);
+      gpu.write_trainable_parameters(adapters);
+      EXPECT_TRUE(same_bits(adapters, gpu.read_trainable_parameters()));
+      EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+      // The forward pass sees the new adapters (bf16: through the refreshed working copy).
+      const Batch batch = random_batch(2, 12, c.vocab_size, 9);
+      const double lc = cpu.evaluate(batch.view(false)), lg = gpu.evaluate(batch.view(false));
+      EXPECT_NEAR(lg, lc, (precision == Precision::kBf16 ? kBf16Tolerance : kFp32Tolerance) * std::fabs(lc));
+      EXPECT_THROW(gpu.write_trainable_parameters(std::vector<float>(adapters.size() + 1)),
+                   std::invalid_argument);
+    }
+  }
+}
+
 TEST(CudaLora, Bf16FrozenTensorsReadBackBitwiseFromTheHostCopy) {
   SKIP_WITHOUT_GPU();
   OptimizerConfig opt;
