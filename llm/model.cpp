@@ -232,7 +232,8 @@ void Model<T>::init_weights(uint64_t seed) {
                                  t.name.find("down_proj.weight") != std::string::npos;
     const double stddev = 0.02 * (residual_output ? residual_scale : 1.0);
     // Box-Muller on Philox uniforms: one stream per tensor, so a tensor's values do not depend on
-    // which other tensors exist.
+    // which other tensors exist, and each value on nothing but its index (any thread count, same bits).
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < t.numel; ++i) {
       const double u1 = 1.0 - philox_uniform(seed, ti, 2 * static_cast<uint64_t>(i));
       const double u2 = philox_uniform(seed, ti, 2 * static_cast<uint64_t>(i) + 1);

@@ -14,7 +14,11 @@ CpuBackend::CpuBackend(const ModelConfig& config, const OptimizerConfig& optimiz
                                   options.quant}),
       optimizer_(make_optimizer(optimizer)),
       seed_(options.seed) {
-  model_.init_weights(options.seed);
+  if (options.init_base) {
+    model_.init_weights(options.seed);
+  } else {
+    model_.init_lora();
+  }
   views_ = make_param_views(model_.layout(), model_.parameters().data(), model_.gradients().data(),
                             options.weight_decay, options.no_decay_names, options.decay_names);
   optimizer_->init(views_);

@@ -13,6 +13,9 @@ struct BackendOptions {
   int max_seq = 0;
   bool recompute = false;
   uint64_t seed = 0;  // weight init and dropout
+  // false: only the adapters are initialised (init_lora), because the caller writes the base weights
+  // next (SFT from a base model); the random base init would be thrown away.
+  bool init_base = true;
   double weight_decay = 0.0;
   std::vector<std::string> no_decay_names, decay_names;
   LoraSettings lora;    // adapters (the base is frozen); see llm/lora.h

@@ -631,7 +631,11 @@ CudaBackend::CudaBackend(const ModelConfig& config, const OptimizerConfig& optim
   // The same initial weights as the CPU backend (adapters included): initialised on the host by
   // llm::Model (whose activation buffers are planned for a single token), then uploaded.
   Model<float> host(config, ModelOptions{1, 1, false, options.lora, options.quant});
-  host.init_weights(options.seed);
+  if (options.init_base) {
+    host.init_weights(options.seed);
+  } else {
+    host.init_lora();
+  }
   model_.upload_parameters(host.parameters());
   // The CPU backend's groups (weight decay by role and name, lr_scale), from the same layout.
   const std::vector<ParamView> views =

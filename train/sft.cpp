@@ -199,12 +199,13 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   bo.decay_names = tc.decay_names;
   bo.lora = config.lora;
   bo.quant = config.quant;
+  bo.init_base = base.empty();  // a base model's weights are written below
   const std::unique_ptr<TrainBackend> backend = make_backend(device, tc.model, tc.optimizer, bo);
   // LoRA: checkpoints leave the frozen base out and name it by a fingerprint of its values (before NF4
   // quantisation, which is deterministic), checked on resume.
   json frozen_base;
   if (!base.empty()) {
-    std::vector<float> all = backend->read_parameters();  // adapters initialised, base random
+    std::vector<float> all = backend->read_parameters();  // adapters initialised, base not
     std::copy(base.begin(), base.end(), all.begin());
     if (config.lora.enabled) {
       frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), all.data(), all.size());

@@ -398,6 +398,44 @@ TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
 
 // Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and the result is
 // written as a Hugging Face folder rather than adapters.
+// With a base model the backend initialises only the adapters (init_base false): the same adapters as a
+// full initialisation, and a base left at zero for the caller to write.
+TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
+  llm::ModelConfig config;
+  config.vocab_size = 67;
+  config.d_model = 16;
+  config.n_heads = 2;
+  config.n_kv_heads = 1;
+  config.d_ff = 24;
+  config.n_layers = 2;
+  config.max_seq_len = 16;
+  llm::BackendOptions o;
+  o.max_batch = 1;
+  o.max_seq = 8;
+  o.seed = 5;
+  o.lora.enabled = true;
+  o.lora.preset = "all";
+  o.lora.r = 4;
+  const llm::OptimizerConfig opt;
+  llm::CpuBackend full(config, opt, o);
+  o.init_base = false;
+  llm::CpuBackend adapters_only(config, opt, o);
+  const std::vector<float> a = full.read_parameters(), b = adapters_only.read_parameters();
+  ASSERT_EQ(a.size(), b.size());
+  size_t lora_values = 0;
+  for (const auto& t : full.layout().tensors()) {
+    for (int64_t i = 0; i < t.numel; ++i) {
+      if (t.trainable) {
+        ASSERT_EQ(a[t.offset + i], b[t.offset + i]) << t.name;
+        lora_values += a[t.offset + i] != 0.0f;
+      } else {
+        ASSERT_EQ(b[t.offset + i], 0.0f) << t.name;
+      }
+    }
+  }
+  EXPECT_GT(lora_values, 0u);  // the A matrices
+}
+
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
   llm::ModelConfig config;
   const std::string base = small_hf_folder(config);
