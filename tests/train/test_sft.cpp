@@ -223,6 +223,38 @@ TEST(SftTraining, RerunAfterAKillResumesBitwise) {
   fs::remove_all(b);
 }
 
+// QLoRA: the checkpoint holds the adapters; the rerun quantises the base again and resumes bit for bit.
+TEST(SftTraining, QloraRerunAfterAKillResumesBitwise) {
+  const std::string a = temp_dir("qlora_uninterrupted"), b = temp_dir("qlora_killed");
+  const auto qlora = [](const std::string& out) {
+    json c = tiny_run_config(out);
+    c["load_in_4bit"] = true;
+    return llm::sft_config_from_json(c, "qlora.json");
+  };
+  ASSERT_EQ(llm::run_sft(qlora(a), quiet()), 0);
+  const llm::Checkpoint ck = llm::read_checkpoint(a + "/step_00000004.ckpt");
+  EXPECT_EQ(ck.meta["frozen_base"]["nf4"], true);
+  EXPECT_EQ(ck.meta["frozen_base"]["source"], "random init");
+  fs::copy_file(a + "/step_00000004.ckpt", b + "/latest.ckpt");
+  ASSERT_EQ(llm::run_sft(qlora(b), quiet()), 0);
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  EXPECT_EQ(file_bytes(a + "/final_lora_adapters/adapter_model.safetensors"),
+            file_bytes(b + "/final_lora_adapters/adapter_model.safetensors"));
+  // The same checkpoint on a base that is not quantised: refused.
+  fs::remove_all(b);
+  fs::create_directories(b);
+  fs::copy_file(a + "/step_00000004.ckpt", b + "/latest.ckpt");
+  try {
+    llm::run_sft(llm::sft_config_from_json(tiny_run_config(b), "lora.json"), quiet());
+    ADD_FAILURE() << "a QLoRA checkpoint resumed without NF4";
+  } catch (const llm::CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("another frozen base"), std::string::npos) << e.what();
+  }
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
 TEST(SftTraining, EarlyStoppingEndsTheRunAndKeepsALatestCheckpoint) {
   const std::string out = temp_dir("early");
   json c = tiny_run_config(out);
