@@ -356,7 +356,11 @@ if want bench; then
     t0=$(date +%s)
     tmp=$build/check-tmp/$name.run.log
     : >"$tmp"
-    run "$tmp" $((2 * run_limit)) bash "$src"
+    # The script learns its real limit (the budget may have cut it), to size its own runs to it.
+    script_limit=$((2 * run_limit))
+    rem=$(remaining)
+    [ "$script_limit" -gt "$rem" ] && script_limit=$rem
+    CHECK_SCRIPT_LIMIT_S=$script_limit run "$tmp" "$script_limit" bash "$src"
     rc=$?
     { echo "=== $name: run"; cat "$tmp"; } >>"$logs/bench.log"
     bench_rows "$name" "$rc" "$t0" "$tmp"

@@ -12,12 +12,15 @@ looked up but the LM head computes them, as in the real model), Q/K/V biases, ti
 Weights: normal(0, 0.02) for the matrices and the embedding, normal(0, 0.02) for the Q/K/V biases, ones
 for the RMSNorm weights; numpy's PCG64 generator seeded with --seed. Stored as BF16 (round to nearest
 even) unless --dtype f32. Without numpy the weights come from Python's `random` (same distribution,
-other numbers) and writing a 0.5B model takes many minutes: use numpy there, or a small --hidden etc.
+other numbers), which is slow: without numpy a model over 20M parameters is refused unless
+--slow-ok; use numpy, or a small shape (--hidden, --layers, --intermediate, --vocab).
 
 The JSONL: --examples records {"prompt": ..., "completion": ...} of --prompt-words and
 --completion-words words, drawn from the fixture vocabulary's whole-word tokens (a space and two or more
-ASCII lowercase letters), so that one word is about one token; with the chat template around them an example is about
-prompt + completion + 25 tokens long.
+ASCII lowercase letters), so that one word is about one token. The chat template adds Qwen's default
+system prompt, which the fixture's small BPE splits finely: an example is about prompt + completion + 68
+tokens long, so the defaults (192 + 240 words) make examples of about 500 tokens, under the benchmark's
+512 (none truncated, a little padding).
 
   python3 dev/bench/sft_vs_peft/make_model.py --out /tmp/qwen2_random --data /tmp/sft_bench.jsonl
 """
@@ -76,12 +79,18 @@ def values_bytes(kind, n, dtype, rng):
         if kind == "norm":
             x = np.ones(n, dtype=np.float32)
         else:
-            x = (rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+            x = rng.standard_normal(n, dtype=np.float32)
+            x *= np.float32(0.02)
         if dtype == "F32":
             return x.astype("<f4").tobytes()
-        u = x.view(np.uint32).astype(np.uint64)
-        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")  # round to nearest even
-        return rounded.tobytes()
+        # Round to nearest even, in place in 32 bits (the 136M-value embedding would need several GB of
+        # 64-bit temporaries otherwise); u + 0x8000 wraps only for NaN bit patterns, which never occur here.
+        u = x.view(np.uint32)
+        bias = (u >> 16) & 1
+        bias += 0x7FFF
+        u += bias
+        u >>= 16
+        return u.astype("<u2").tobytes()
     out = bytearray()
     for _ in range(n):
         v = 1.0 if kind == "norm" else rng.gauss(0.0, 0.02)
@@ -182,7 +191,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--examples", type=int, default=512)
     ap.add_argument("--prompt-words", type=int, default=192)
-    ap.add_argument("--completion-words", type=int, default=256)
+    ap.add_argument("--completion-words", type=int, default=240)
+    ap.add_argument("--slow-ok", action="store_true", help="write a large model without numpy anyway")
     a = ap.parse_args()
     if not a.out and not a.data:
         ap.error("nothing to do: give --out and/or --data")
@@ -194,9 +204,13 @@ def main():
         dtype = "BF16" if a.dtype == "bf16" else "F32"
         specs = tensor_specs(a)
         params = sum(numel(s) for _, s, _ in specs)
-        if np is None and params > 20_000_000:
+        if np is None and params > 20_000_000 and not a.slow_ok:
+            # Pure Python writes about a million values a second: a 0.5B model would take most of an hour
+            # and eat any benchmark's time limit. Fail at once instead.
             print(f"make_model.py: numpy is not installed; writing {params / 1e6:.0f}M values in pure "
-                  "Python will take a long time", file=sys.stderr)
+                  "Python would take far too long (install numpy, use a smaller shape, or --slow-ok)",
+                  file=sys.stderr)
+            sys.exit(2)
         write_config(os.path.join(a.out, "config.json"), a, dtype)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(a.out, name))
