@@ -363,6 +363,10 @@ class ModelImpl final : public CudaModel::Impl {
   };
 
   void plan(char* base, size_t* bytes);
+  // The constructor's device allocations (weights, NF4 storage, gradients, the arena, fixed tables).
+  void allocate_device_buffers();
+  // Frees every device buffer and the stream; safe on a partly built model.
+  void release() noexcept;
   void upload_batch(const int32_t* inputs, const int32_t* targets, int B, int T_len, const int32_t* positions,
                     const int32_t* doc_ids);
   void forward_layers();
@@ -596,6 +600,17 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   host_values_.assign(host_elements, 0.0f);
 
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // A throw from here on (out of memory, typically) runs no destructor: free what was allocated.
+  try {
+    allocate_device_buffers();
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+template <typename T>
+void ModelImpl<T>::allocate_device_buffers() {
   const size_t P = dense_elements_, M = master_elements_, G = layout.trainable_elements();
   master_ = static_cast<float*>(
       device_alloc(M * sizeof(float), "fp32 master weights", "use a smaller model or another GPU"));
@@ -650,6 +665,11 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
 
 template <typename T>
 ModelImpl<T>::~ModelImpl() {
+  release();
+}
+
+template <typename T>
+void ModelImpl<T>::release() noexcept {
   // Errors are ignored here: a destructor must not throw, and the process may be tearing down CUDA.
   if (stream_) cudaStreamSynchronize(stream_);
   cudaFree(arena_);
@@ -660,6 +680,11 @@ ModelImpl<T>::~ModelImpl() {
   cudaFree(master_);
   cudaFree(nf4_storage_);
   if (stream_) cudaStreamDestroy(stream_);
+  arena_ = nullptr;
+  adam_m_ = adam_v_ = grads_ = master_ = nullptr;
+  work_ = nullptr;
+  nf4_storage_ = nullptr;
+  stream_ = nullptr;
 }
 
 // Lays out the activation arena; with base == nullptr only the size is computed.
