@@ -233,24 +233,44 @@ bool try_cublaslt(BlasLt& blas, cublasComputeType_t compute, TOut* c, const TIn*
   const Layout second(cuda_data_type<TIn>(), trans_a ? M : K, trans_a ? K : M, lda);
   const Layout out(cuda_data_type<TOut>(), Nc, M, ldc);
 
-  Preference pref;
-  const uint64_t workspace_bytes = blas.workspace_bytes();
-  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                    &workspace_bytes, sizeof(workspace_bytes)));
-  pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, pointer_alignment(b));
-  pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, pointer_alignment(a));
-  pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, pointer_alignment(c));
-  pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, pointer_alignment(c));
-
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  const cublasStatus_t status =
-      cublasLtMatmulAlgoGetHeuristic(blas.handle(), desc.desc, first.layout, second.layout, out.layout,
-                                     out.layout, pref.pref, 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  // Everything the heuristic is told (the workspace size is the BlasLt's own, fixed).
+  const BlasLt::AlgoKey key{compute,
+                            cuda_data_type<TIn>(),
+                            cuda_data_type<TOut>(),
+                            fuse_bias,
+                            M,
+                            Nc,
+                            K,
+                            lda,
+                            ldb,
+                            ldc,
+                            trans_a,
+                            trans_b,
+                            pointer_alignment(a),
+                            pointer_alignment(b),
+                            pointer_alignment(c)};
+  BlasLt::CachedAlgo chosen{};
+  if (!blas.find_algo(key, &chosen)) {
+    Preference pref;
+    const uint64_t workspace_bytes = blas.workspace_bytes();
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &workspace_bytes, sizeof(workspace_bytes)));
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, pointer_alignment(b));
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, pointer_alignment(a));
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, pointer_alignment(c));
+    pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, pointer_alignment(c));
+    cublasLtMatmulHeuristicResult_t heuristic{};
+    int count = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(blas.handle(), desc.desc, first.layout, second.layout, out.layout,
+                                       out.layout, pref.pref, 1, &heuristic, &count);
+    chosen = {heuristic.algo, status == CUBLAS_STATUS_SUCCESS && count > 0};
+    blas.store_algo(key, chosen);
+  }
+  if (!chosen.found) return false;
 
   CUBLAS_CHECK(cublasLtMatmul(blas.handle(), desc.desc, &alpha, b, first.layout, a, second.layout, &beta, c,
-                              out.layout, c, out.layout, &heuristic.algo, blas.workspace(),
+                              out.layout, c, out.layout, &chosen.algo, blas.workspace(),
                               blas.workspace_bytes(), stream));
   if (bias != nullptr && !fuse_bias) {
     constexpr int kThreads = 256;
@@ -294,6 +314,24 @@ BlasLt& BlasLt::shared() {
   BlasLt*& slot = (*per_device)[device];
   if (slot == nullptr) slot = new BlasLt();
   return *slot;
+}
+
+bool BlasLt::find_algo(const AlgoKey& key, CachedAlgo* out) const {
+  const std::lock_guard<std::mutex> lock(cache_mutex_);
+  const auto it = algo_cache_.find(key);
+  if (it == algo_cache_.end()) return false;
+  *out = it->second;
+  return true;
+}
+
+void BlasLt::store_algo(const AlgoKey& key, const CachedAlgo& value) {
+  const std::lock_guard<std::mutex> lock(cache_mutex_);
+  algo_cache_[key] = value;
+}
+
+size_t BlasLt::cached_algos() const {
+  const std::lock_guard<std::mutex> lock(cache_mutex_);
+  return algo_cache_.size();
 }
 
 long long gemm_fallback_count() {

@@ -40,6 +40,10 @@
 // If cuBLASLt offers no algorithm at all, gemm() falls back to the tiled kernel and says so once on
 // stderr.
 //
+// Heuristic cache: a training step runs the same few GEMM shapes hundreds of times, and asking cuBLASLt's
+// heuristic costs host time on every call. Each BlasLt remembers the heuristic's answer per problem (types,
+// compute type, sizes, leading dimensions, transposes, pointer alignments, fused bias) and asks once.
+//
 // Determinism: for a fixed problem, cuBLASLt's heuristic picks the same algorithm every time and, with
 // a user-owned workspace per stream, gives bitwise identical results on the same GPU and library. Use one
 // BlasLt per stream when several streams run matmuls at once (a workspace must not be shared by
@@ -50,8 +54,11 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
 
 #include "kernels/cuda_common.cuh"
 
@@ -85,10 +92,23 @@ class BlasLt {
   // exits (deliberately never destroyed: static destructors may run after the CUDA runtime is gone).
   static BlasLt& shared();
 
+  // The heuristic cache (see the header comment). A key is everything the heuristic is told; the value
+  // is its algorithm, or found == false when it offered none.
+  using AlgoKey = std::array<int64_t, 15>;
+  struct CachedAlgo {
+    cublasLtMatmulAlgo_t algo;
+    bool found;
+  };
+  bool find_algo(const AlgoKey& key, CachedAlgo* out) const;
+  void store_algo(const AlgoKey& key, const CachedAlgo& value);
+  size_t cached_algos() const;
+
  private:
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  mutable std::mutex cache_mutex_;
+  std::map<AlgoKey, CachedAlgo> algo_cache_;
 };
 
 // Which implementation a matmul uses: cuBLASLt (the default, tensor cores), or the tiled kernel in

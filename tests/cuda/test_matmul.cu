@@ -267,6 +267,25 @@ TEST(MatmulMixed, Bf16WithFp32GradientsMatchesReference) {
   expect_relative_error("db", db, want_db, 1e-5);
 }
 
+// The heuristic cache: a repeated problem asks cuBLASLt once and gives the same bits; another alignment
+// (pointers one element in) is another problem, asked again, and still right.
+TEST(MatmulGemm, HeuristicCacheAsksOncePerProblem) {
+  SKIP_WITHOUT_GPU();
+  llm::cuda::BlasLt& blas = llm::cuda::BlasLt::shared();
+  const Problem<bf16> p(53, 200, 91, 90);  // sizes no other test in this file uses
+  const size_t before = blas.cached_algos();
+  const std::vector<float> first = gpu_forward(p, true, GemmEngine::kCublasLt);
+  const size_t after_first = blas.cached_algos();
+  EXPECT_EQ(after_first, before + 1);
+  const std::vector<float> second = gpu_forward(p, true, GemmEngine::kCublasLt);
+  EXPECT_EQ(blas.cached_algos(), after_first);
+  EXPECT_TRUE(bitwise_equal(first, second));
+  expect_relative_error("out", first, p.ref_forward(true), tolerance<bf16>());
+  const std::vector<float> shifted = gpu_forward(p, true, GemmEngine::kCublasLt, 1);
+  EXPECT_EQ(blas.cached_algos(), after_first + 1);
+  expect_relative_error("out, unaligned", shifted, p.ref_forward(true), tolerance<bf16>());
+}
+
 TEST(MatmulGemm, RejectsLeadingDimensionTooSmall) {
   SKIP_WITHOUT_GPU();
   DeviceBuffer<float> a(64), b(64), c(64);
