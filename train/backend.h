@@ -77,6 +77,17 @@ class TrainBackend {
     }
     write_parameters(all);
   }
+  // The first values.size() elements of the parameter arena: a base model's tensors, which precede every
+  // LoRA adapter in the layout. The default goes through a full read and write.
+  virtual void write_base_parameters(const std::vector<float>& values) {
+    std::vector<float> all = read_parameters();
+    if (values.size() > all.size()) {
+      throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
+                                  " exceeds the model's " + std::to_string(all.size()));
+    }
+    std::copy(values.begin(), values.end(), all.begin());
+    write_parameters(all);
+  }
   virtual std::vector<StateBuffer> optimizer_state() = 0;
   virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
   virtual std::string optimizer_name() const = 0;

@@ -96,4 +96,33 @@ void CpuBackend::write_parameters(const std::vector<float>& values) {
   std::copy(values.begin(), values.end(), model_.parameters().begin());
 }
 
+std::vector<float> CpuBackend::read_trainable_parameters() {
+  std::vector<float> out(layout().trainable_elements());
+  const std::vector<float>& params = model_.parameters();
+  for (const auto& t : layout().tensors()) {
+    if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, out.begin() + t.grad_offset);
+  }
+  return out;
+}
+
+void CpuBackend::write_trainable_parameters(const std::vector<float>& values) {
+  if (values.size() != layout().trainable_elements()) {
+    throw std::invalid_argument("trainable parameter count " + std::to_string(values.size()) +
+                                " does not match the model's " +
+                                std::to_string(layout().trainable_elements()));
+  }
+  std::vector<float>& params = model_.parameters();
+  for (const auto& t : layout().tensors()) {
+    if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, params.begin() + t.offset);
+  }
+}
+
+void CpuBackend::write_base_parameters(const std::vector<float>& values) {
+  if (values.size() > model_.parameters().size()) {
+    throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
+                                " exceeds the model's " + std::to_string(model_.parameters().size()));
+  }
+  std::copy(values.begin(), values.end(), model_.parameters().begin());
+}
+
 }  // namespace llm

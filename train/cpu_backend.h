@@ -42,6 +42,10 @@ class CpuBackend : public TrainBackend {
   void update_hessian_estimate(const TokenBatch& batch, int batch_tokens, uint64_t sample_counter) override;
   std::vector<float> read_parameters() override { return model_.parameters(); }
   void write_parameters(const std::vector<float>& values) override;
+  // Direct copies, without a copy of the whole arena (a frozen base can be most of it).
+  std::vector<float> read_trainable_parameters() override;
+  void write_trainable_parameters(const std::vector<float>& values) override;
+  void write_base_parameters(const std::vector<float>& values) override;
   std::vector<StateBuffer> optimizer_state() override { return optimizer_->state(); }
   void load_optimizer_state(const std::vector<StateBuffer>& state) override { optimizer_->load_state(state); }
   std::string optimizer_name() const override { return optimizer_->name(); }

@@ -205,13 +205,12 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   // quantisation, which is deterministic), checked on resume.
   json frozen_base;
   if (!base.empty()) {
-    std::vector<float> all = backend->read_parameters();  // adapters initialised, base not
-    std::copy(base.begin(), base.end(), all.begin());
+    // The base tensors come first in the layout, the adapters (initialised by the backend) after them.
     if (config.lora.enabled) {
-      frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), all.data(), all.size());
+      frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), base.data(), base.size());
     }
+    backend->write_base_parameters(base);
     std::vector<float>().swap(base);  // the backend holds the values now
-    backend->write_parameters(all);
   } else if (config.lora.enabled) {
     const std::vector<float> all = backend->read_parameters();
     frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), all.data(), all.size());

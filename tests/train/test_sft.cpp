@@ -466,6 +466,20 @@ TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
     }
   }
   EXPECT_GT(lora_values, 0u);  // the A matrices
+
+  // The CPU backend's direct trainable and base copies agree with TrainBackend's generic ones.
+  EXPECT_EQ(full.read_trainable_parameters(), full.TrainBackend::read_trainable_parameters());
+  std::vector<float> adapters = full.read_trainable_parameters();
+  for (float& v : adapters) v += 0.25f;
+  const std::vector<float> base_values(full.layout().total_elements() - full.layout().trainable_elements(),
+                                       0.5f);
+  adapters_only.write_trainable_parameters(adapters);
+  adapters_only.write_base_parameters(base_values);
+  full.TrainBackend::write_trainable_parameters(adapters);
+  full.TrainBackend::write_base_parameters(base_values);
+  EXPECT_EQ(adapters_only.read_parameters(), full.read_parameters());
+  EXPECT_THROW(adapters_only.write_trainable_parameters(std::vector<float>(3)), std::invalid_argument);
+  EXPECT_THROW(adapters_only.write_base_parameters(std::vector<float>(a.size() + 1)), std::invalid_argument);
 }
 
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
