@@ -251,6 +251,7 @@ struct CudaModel::Impl {
   virtual std::vector<float> download_parameters() const = 0;
   virtual void upload_trainable_parameters(const std::vector<float>& values) = 0;
   virtual std::vector<float> download_trainable_parameters() const = 0;
+  virtual void upload_base_parameters(const std::vector<float>& values) = 0;
   virtual void quantize_base_nf4(const Nf4HostQuantizer& quantize) = 0;
   virtual bool nf4_quantized() const = 0;
   virtual size_t device_offset(const std::string& name) const = 0;
@@ -295,6 +296,7 @@ class ModelImpl final : public CudaModel::Impl {
   std::vector<float> download_parameters() const override;
   void upload_trainable_parameters(const std::vector<float>& values) override;
   std::vector<float> download_trainable_parameters() const override;
+  void upload_base_parameters(const std::vector<float>& values) override;
   void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
   bool nf4_quantized() const override { return nf4_ready_; }
   size_t device_offset(const std::string& name) const override {
@@ -363,6 +365,7 @@ class ModelImpl final : public CudaModel::Impl {
   };
 
   void plan(char* base, size_t* bytes);
+  void upload_leading(const float* values, size_t count);
   // The constructor's device allocations (weights, NF4 storage, gradients, the arena, fixed tables).
   void allocate_device_buffers();
   // Frees every device buffer and the stream; safe on a partly built model.
@@ -829,16 +832,40 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
     throw std::invalid_argument("parameter count " + std::to_string(values.size()) +
                                 " does not match the model's " + std::to_string(P));
   }
+  upload_leading(values.data(), P);
+}
+
+template <typename T>
+void ModelImpl<T>::upload_base_parameters(const std::vector<float>& values) {
+  if (values.size() > layout.total_elements()) {
+    throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
+                                " exceeds the model's " + std::to_string(layout.total_elements()));
+  }
+  upload_leading(values.data(), values.size());
+}
+
+// The tensors within the first `count` elements of the layout, from values[0, count).
+template <typename T>
+void ModelImpl<T>::upload_leading(const float* values, size_t count) {
+  for (const TensorInfo& t : layout.tensors()) {
+    if (t.offset < count && t.offset + static_cast<size_t>(t.numel) > count) {
+      throw std::invalid_argument("upload: " + std::to_string(count) + " values end inside tensor " + t.name);
+    }
+  }
+  const auto within = [count](const TensorInfo& t) {
+    return t.offset + static_cast<size_t>(t.numel) <= count;
+  };
   // NF4 tensors: before quantisation their values wait on the host; afterwards the codes stay, and only
   // the current dequantised values are accepted (checked before anything changes).
   if (nf4_ready_) {
     std::vector<float> current;
     for (const Nf4Slot& s : nf4_) {
       const TensorInfo& t = layout.tensors()[s.tensor];
+      if (!within(t)) continue;
       current.resize(s.n);
       nf4_dequantize_host(current.data(), s.host_packed.data(), s.host_absmax.data(), s.n,
                           options.quant.blocksize);
-      if (!same_values(current.data(), values.data() + t.offset, s.n)) {
+      if (!same_values(current.data(), values + t.offset, s.n)) {
         throw std::invalid_argument(
             "upload_parameters: " + t.name +
             " is stored in NF4 and the values differ from its dequantised ones; base weights must be "
@@ -862,8 +889,9 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
   }
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     const TensorInfo& t = layout.tensors()[i];
+    if (!within(t)) continue;
     const size_t n = static_cast<size_t>(t.numel);
-    const float* src = values.data() + t.offset;
+    const float* src = values + t.offset;
     if (nf4_of_tensor_[i] >= 0) {
       if (!nf4_ready_) {
         const Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
@@ -1661,6 +1689,9 @@ void CudaModel::upload_trainable_parameters(const std::vector<float>& values) {
 }
 std::vector<float> CudaModel::download_trainable_parameters() const {
   return impl_->download_trainable_parameters();
+}
+void CudaModel::upload_base_parameters(const std::vector<float>& values) {
+  impl_->upload_base_parameters(values);
 }
 void CudaModel::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
   impl_->quantize_base_nf4(quantize);

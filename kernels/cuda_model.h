@@ -115,6 +115,10 @@ class CudaModel {
   // LoRA checkpoint holds, without a host copy of the frozen base. Upload refreshes the working copy.
   void upload_trainable_parameters(const std::vector<float>& values);
   std::vector<float> download_trainable_parameters() const;
+  // The leading values.size() elements of the layout (a base model's tensors, which precede the LoRA
+  // adapters), as upload_parameters would set them; the rest is left as it is. Throws
+  // std::invalid_argument when the count ends inside a tensor.
+  void upload_base_parameters(const std::vector<float>& values);
   // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
   // (the CPU reference on the host: llm::nf4_quantize_weights, in llm_core, which this library does not
   // link) and uploads the codes and absmax.

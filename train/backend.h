@@ -78,15 +78,23 @@ class TrainBackend {
     write_parameters(all);
   }
   // The first values.size() elements of the parameter arena: a base model's tensors, which precede every
-  // LoRA adapter in the layout. The default goes through a full read and write.
+  // LoRA adapter in the layout. std::invalid_argument when the count ends inside a tensor or past the
+  // arena. The default goes through a full read and write.
   virtual void write_base_parameters(const std::vector<float>& values) {
+    check_base_count(values.size());
     std::vector<float> all = read_parameters();
-    if (values.size() > all.size()) {
-      throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
-                                  " exceeds the model's " + std::to_string(all.size()));
-    }
     std::copy(values.begin(), values.end(), all.begin());
     write_parameters(all);
+  }
+  void check_base_count(size_t count) const {
+    if (count > layout().total_elements()) {
+      throw std::invalid_argument("base parameter count " + std::to_string(count) + " exceeds the model's " +
+                                  std::to_string(layout().total_elements()));
+    }
+    for (const auto& t : layout().tensors()) {
+      if (t.offset < count && t.offset + static_cast<size_t>(t.numel) > count)
+        throw std::invalid_argument(std::to_string(count) + " base values end inside tensor " + t.name);
+    }
   }
   virtual std::vector<StateBuffer> optimizer_state() = 0;
   virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;

@@ -118,10 +118,7 @@ void CpuBackend::write_trainable_parameters(const std::vector<float>& values) {
 }
 
 void CpuBackend::write_base_parameters(const std::vector<float>& values) {
-  if (values.size() > model_.parameters().size()) {
-    throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
-                                " exceeds the model's " + std::to_string(model_.parameters().size()));
-  }
+  check_base_count(values.size());
   std::copy(values.begin(), values.end(), model_.parameters().begin());
 }
 

@@ -67,6 +67,9 @@ class CudaBackend : public TrainBackend {
   void write_trainable_parameters(const std::vector<float>& values) override {
     model_.upload_trainable_parameters(values);
   }
+  void write_base_parameters(const std::vector<float>& values) override {
+    model_.upload_base_parameters(values);
+  }
   std::vector<StateBuffer> optimizer_state() override;
   void load_optimizer_state(const std::vector<StateBuffer>& state) override;
   std::string optimizer_name() const override { return optimizer_name_; }

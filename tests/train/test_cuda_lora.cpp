@@ -398,10 +398,11 @@ bool beyond_bf16(float x) {
 
 // In bf16 mode the frozen tensors have no fp32 master on the device: their exact values are kept on the
 // host, and their bf16 working copy is converted at upload.
-// What LoRA checkpoints read and write: the trainable tensors alone, at their grad offsets. The GPU's own
-// copies (no host copy of the base) equal the generic path of TrainBackend, and writing them updates the
-// bf16 working copy the forward pass uses.
-TEST(CudaLora, TrainableParametersReadAndWriteTheAdaptersAlone) {
+// What LoRA runs write and checkpoints read and write: the base alone (before quantisation), and the
+// trainable tensors alone, at their grad offsets. The GPU's own copies (no host copy of the whole arena)
+// equal the CPU's and TrainBackend's generic path, and writing adapters updates the bf16 working copy the
+// forward pass uses.
+TEST(CudaLora, BaseAndTrainableParametersAreWrittenAlone) {
   SKIP_WITHOUT_GPU();
   OptimizerConfig opt;
   const ModelConfig c = llama_like();
@@ -412,6 +413,14 @@ TEST(CudaLora, TrainableParametersReadAndWriteTheAdaptersAlone) {
       const BackendOptions o = backend_options(2, 12, lora_settings(0.0), nf4);
       CpuBackend cpu(c, opt, o);
       CudaBackend gpu(c, opt, o, precision);
+      // The base written alone, before quantisation, as run_sft writes a base model's weights.
+      std::vector<float> base_values(gpu.layout().total_elements() - gpu.layout().trainable_elements());
+      std::mt19937 base_rng(13);
+      std::normal_distribution<float> base_normal(0.0f, 0.02f);
+      for (float& v : base_values) v = base_normal(base_rng);
+      cpu.write_base_parameters(base_values);
+      gpu.write_base_parameters(base_values);
+      EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
       if (nf4) {
         cpu.quantize_base_nf4();
         gpu.quantize_base_nf4();

@@ -480,6 +480,7 @@ TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
   EXPECT_EQ(adapters_only.read_parameters(), full.read_parameters());
   EXPECT_THROW(adapters_only.write_trainable_parameters(std::vector<float>(3)), std::invalid_argument);
   EXPECT_THROW(adapters_only.write_base_parameters(std::vector<float>(a.size() + 1)), std::invalid_argument);
+  EXPECT_THROW(adapters_only.write_base_parameters(std::vector<float>(3)), std::invalid_argument);
 }
 
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
