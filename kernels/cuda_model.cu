@@ -622,6 +622,10 @@ void ModelImpl<T>::allocate_device_buffers() {
   } else {
     work_ = master_;
   }
+  // Zero until uploaded, as host_values_ is: a caller may upload the adapters now and the base later.
+  CUDA_CHECK(cudaMemsetAsync(master_, 0, M * sizeof(float), stream_));
+  if (static_cast<void*>(work_) != static_cast<void*>(master_))
+    CUDA_CHECK(cudaMemsetAsync(work_, 0, P * sizeof(T), stream_));
   if (!nf4_.empty()) {
     // Every slot's codes and absmax (or qabsmax and state2) carved from one allocation.
     auto carve = [this](char* base) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "kernels/cpu/lora.h"
 #include "kernels/cpu/nf4.h"
 #include "llm/model_layout.h"
 
@@ -114,6 +115,22 @@ std::vector<LoraModule> lora_modules(const ModelConfig& config, const LoraSettin
     }
   }
   return modules;
+}
+
+std::vector<float> initial_lora_adapters(const ModelConfig& config, const LoraSettings& settings,
+                                         const ParameterLayout& layout) {
+  std::vector<float> out(layout.trainable_elements());
+  const std::vector<LoraModule> modules = lora_modules(config, settings);
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const LoraModule& m = modules[i];
+    const TensorInfo& a = layout.at(m.a_name());
+    const TensorInfo& b = layout.at(m.b_name());
+    if (!a.trainable || !b.trainable)
+      throw std::invalid_argument(m.prefix + ": its adapter is not trainable");
+    ref::lora_init(out.data() + a.grad_offset, out.data() + b.grad_offset, m.in_features, m.out_features,
+                   settings.r, settings.init_seed, i);
+  }
+  return out;
 }
 
 void add_lora_tensors(ParameterLayout& layout, const std::vector<LoraModule>& modules, int r) {

@@ -69,6 +69,11 @@ struct LoraModule {
 std::vector<LoraModule> lora_modules(const ModelConfig& config, const LoraSettings& settings);
 // Appends every module's A and B to the layout and freezes every other tensor.
 void add_lora_tensors(ParameterLayout& layout, const std::vector<LoraModule>& modules, int r);
+// The fresh adapters Model::init_lora writes (Kaiming-uniform A, zero B: ref::lora_init with
+// settings.init_seed, module i on stream i), each tensor at its grad_offset in `layout` (a LoRA layout,
+// add_lora_tensors): layout.trainable_elements() values, without a whole parameter arena.
+std::vector<float> initial_lora_adapters(const ModelConfig& config, const LoraSettings& settings,
+                                         const ParameterLayout& layout);
 
 // The names of the base weights NF4 stores (every decoder-layer linear weight), in layout order.
 std::vector<std::string> nf4_quantized_tensors(const ModelConfig& config);

@@ -628,19 +628,20 @@ CudaBackend::CudaBackend(const ModelConfig& config, const OptimizerConfig& optim
     : model_(checked(config, optimizer), model_options(options, precision)),
       seed_(options.seed),
       optimizer_name_(optimizer.name) {
-  // The same initial weights as the CPU backend (adapters included): initialised on the host by
-  // llm::Model (whose activation buffers are planned for a single token), then uploaded.
-  Model<float> host(config, ModelOptions{1, 1, false, options.lora, options.quant});
+  // The same initial weights as the CPU backend (adapters included).
   if (options.init_base) {
+    // Initialised on the host by llm::Model (its activation buffers planned for a single token).
+    Model<float> host(config, ModelOptions{1, 1, false, options.lora, options.quant});
     host.init_weights(options.seed);
-  } else {
-    host.init_lora();
+    model_.upload_parameters(host.parameters());
+  } else if (options.lora.enabled) {
+    // A base model's weights come next (write_base_parameters): no host copy of the whole arena, only
+    // the fresh adapters. The base stays zero until then (the model zeroes its buffers).
+    model_.upload_trainable_parameters(initial_lora_adapters(config, options.lora, model_.layout()));
   }
-  model_.upload_parameters(host.parameters());
   // The CPU backend's groups (weight decay by role and name, lr_scale), from the same layout.
-  const std::vector<ParamView> views =
-      make_param_views(host.layout(), host.parameters().data(), host.gradients().data(), options.weight_decay,
-                       options.no_decay_names, options.decay_names);
+  const std::vector<ParamView> views = make_param_views(
+      model_.layout(), nullptr, nullptr, options.weight_decay, options.no_decay_names, options.decay_names);
   optimizer_ =
       cuda_optim::make_cuda_optimizer(optimizer, model_, cuda_optim::gpu_tensors(model_, views), precision);
   cuda::synchronize();  // the fresh state's fills land before the model's stream uses them

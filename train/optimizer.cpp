@@ -179,8 +179,8 @@ std::vector<ParamView> make_param_views(const ParameterLayout& layout, float* pa
     if (!t.trainable) continue;
     ParamView v;
     v.info = &t;
-    v.param = params + t.offset;
-    v.grad = grads + t.grad_offset;
+    v.param = params != nullptr ? params + t.offset : nullptr;
+    v.grad = grads != nullptr ? grads + t.grad_offset : nullptr;
     bool decay = t.role != TensorRole::kNorm && t.role != TensorRole::kBias;
     if (matches(t.name, no_decay_names)) decay = false;
     if (matches(t.name, decay_names)) decay = true;

@@ -125,7 +125,8 @@ const std::vector<std::string>& optimizer_names();
 
 // The views of every trainable tensor with its group's hyperparameters: `weight_decay` for matrices,
 // embeddings and the head; none for norms and biases; `no_decay_names` and `decay_names` (exact
-// tensor names or substrings) override the role-based choice.
+// tensor names or substrings) override the role-based choice. params and grads may both be null when
+// only the groups are wanted (the views' pointers are then null).
 std::vector<ParamView> make_param_views(const ParameterLayout& layout, float* params, const float* grads,
                                         double weight_decay,
                                         const std::vector<std::string>& no_decay_names = {},

@@ -120,6 +120,24 @@ TEST(ModelLora, OnlyAdaptersAreTrainableAndAppendedAfterTheBase) {
   EXPECT_EQ(lora.gradients().size(), adapter_elements);
 }
 
+// initial_lora_adapters gives exactly what Model::init_lora writes, without a model.
+TEST(ModelLora, InitialAdaptersWithoutAModelAreInitLoras) {
+  const ModelConfig c = tiny_config();
+  Model<float> lora(c, ModelOptions(kB, kT, false, lora_all()));
+  lora.init_lora();
+  const std::vector<float> fresh = llm::initial_lora_adapters(c, lora_all(), lora.layout());
+  ASSERT_EQ(fresh.size(), lora.layout().trainable_elements());
+  size_t nonzero = 0;
+  for (const auto& t : lora.layout().tensors()) {
+    if (!t.trainable) continue;
+    for (int64_t i = 0; i < t.numel; ++i) {
+      ASSERT_EQ(fresh[t.grad_offset + i], lora.parameters()[t.offset + i]) << t.name;
+      nonzero += fresh[t.grad_offset + i] != 0.0f;
+    }
+  }
+  EXPECT_GT(nonzero, 0u);
+}
+
 TEST(ModelLora, FreshAdapterGivesExactlyTheBaseLogits) {
   const ModelConfig c = tiny_config();
   Model<float> plain(c, ModelOptions(kB, kT, false));

@@ -444,6 +444,14 @@ TEST(CudaLora, BaseAndTrainableParametersAreWrittenAlone) {
                    std::invalid_argument);
     }
   }
+  // Without the base init (SFT from a base model): the fresh adapters and a zero base, as on the CPU.
+  BackendOptions o = backend_options(2, 12, lora_settings(0.0), false);
+  o.init_base = false;
+  for (Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    CpuBackend cpu(c, opt, o);
+    CudaBackend gpu(c, opt, o, precision);
+    EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+  }
 }
 
 TEST(CudaLora, Bf16FrozenTensorsReadBackBitwiseFromTheHostCopy) {
