@@ -252,6 +252,7 @@ struct CudaModel::Impl {
   virtual void upload_trainable_parameters(const std::vector<float>& values) = 0;
   virtual std::vector<float> download_trainable_parameters() const = 0;
   virtual void upload_base_parameters(const std::vector<float>& values) = 0;
+  virtual void upload_tensor(const std::string& name, const std::vector<float>& values) = 0;
   virtual void quantize_base_nf4(const Nf4HostQuantizer& quantize) = 0;
   virtual bool nf4_quantized() const = 0;
   virtual size_t device_offset(const std::string& name) const = 0;
@@ -297,6 +298,7 @@ class ModelImpl final : public CudaModel::Impl {
   void upload_trainable_parameters(const std::vector<float>& values) override;
   std::vector<float> download_trainable_parameters() const override;
   void upload_base_parameters(const std::vector<float>& values) override;
+  void upload_tensor(const std::string& name, const std::vector<float>& values) override;
   void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
   bool nf4_quantized() const override { return nf4_ready_; }
   size_t device_offset(const std::string& name) const override {
@@ -365,7 +367,7 @@ class ModelImpl final : public CudaModel::Impl {
   };
 
   void plan(char* base, size_t* bytes);
-  void upload_leading(const float* values, size_t count);
+  void upload_range(const float* layout_values, size_t begin, size_t end);
   // The constructor's device allocations (weights, NF4 storage, gradients, the arena, fixed tables).
   void allocate_device_buffers();
   // Frees every device buffer and the stream; safe on a partly built model.
@@ -836,7 +838,7 @@ void ModelImpl<T>::upload_parameters(const std::vector<float>& values) {
     throw std::invalid_argument("parameter count " + std::to_string(values.size()) +
                                 " does not match the model's " + std::to_string(P));
   }
-  upload_leading(values.data(), P);
+  upload_range(values.data(), 0, P);
 }
 
 template <typename T>
@@ -845,20 +847,32 @@ void ModelImpl<T>::upload_base_parameters(const std::vector<float>& values) {
     throw std::invalid_argument("base parameter count " + std::to_string(values.size()) +
                                 " exceeds the model's " + std::to_string(layout.total_elements()));
   }
-  upload_leading(values.data(), values.size());
+  upload_range(values.data(), 0, values.size());
 }
 
-// The tensors within the first `count` elements of the layout, from values[0, count).
 template <typename T>
-void ModelImpl<T>::upload_leading(const float* values, size_t count) {
+void ModelImpl<T>::upload_tensor(const std::string& name, const std::vector<float>& values) {
+  const TensorInfo& t = layout.at(name);
+  if (values.size() != static_cast<size_t>(t.numel)) {
+    throw std::invalid_argument("upload_tensor: " + std::to_string(values.size()) + " values for " + name);
+  }
+  upload_range(values.data(), t.offset, t.offset + values.size());
+}
+
+// The tensors within elements [begin, end) of the layout; layout_values[0] is element `begin`.
+template <typename T>
+void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t end) {
+  const auto within = [begin, end](const TensorInfo& t) {
+    return t.offset >= begin && t.offset + static_cast<size_t>(t.numel) <= end;
+  };
   for (const TensorInfo& t : layout.tensors()) {
-    if (t.offset < count && t.offset + static_cast<size_t>(t.numel) > count) {
-      throw std::invalid_argument("upload: " + std::to_string(count) + " values end inside tensor " + t.name);
+    const size_t t_end = t.offset + static_cast<size_t>(t.numel);
+    if (!within(t) && t.offset < end && t_end > begin) {
+      throw std::invalid_argument("upload: elements [" + std::to_string(begin) + ", " + std::to_string(end) +
+                                  ") cut tensor " + t.name);
     }
   }
-  const auto within = [count](const TensorInfo& t) {
-    return t.offset + static_cast<size_t>(t.numel) <= count;
-  };
+  const auto at = [layout_values, begin](size_t offset) { return layout_values + (offset - begin); };
   // NF4 tensors: before quantisation their values wait on the host; afterwards the codes stay, and only
   // the current dequantised values are accepted (checked before anything changes).
   if (nf4_ready_) {
@@ -869,7 +883,7 @@ void ModelImpl<T>::upload_leading(const float* values, size_t count) {
       current.resize(s.n);
       nf4_dequantize_host(current.data(), s.host_packed.data(), s.host_absmax.data(), s.n,
                           options.quant.blocksize);
-      if (!same_values(current.data(), values + t.offset, s.n)) {
+      if (!same_values(current.data(), at(t.offset), s.n)) {
         throw std::invalid_argument(
             "upload_parameters: " + t.name +
             " is stored in NF4 and the values differ from its dequantised ones; base weights must be "
@@ -895,7 +909,7 @@ void ModelImpl<T>::upload_leading(const float* values, size_t count) {
     const TensorInfo& t = layout.tensors()[i];
     if (!within(t)) continue;
     const size_t n = static_cast<size_t>(t.numel);
-    const float* src = values + t.offset;
+    const float* src = at(t.offset);
     if (nf4_of_tensor_[i] >= 0) {
       if (!nf4_ready_) {
         const Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
@@ -1696,6 +1710,9 @@ std::vector<float> CudaModel::download_trainable_parameters() const {
 }
 void CudaModel::upload_base_parameters(const std::vector<float>& values) {
   impl_->upload_base_parameters(values);
+}
+void CudaModel::upload_tensor(const std::string& name, const std::vector<float>& values) {
+  impl_->upload_tensor(name, values);
 }
 void CudaModel::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
   impl_->quantize_base_nf4(quantize);

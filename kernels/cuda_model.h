@@ -119,6 +119,8 @@ class CudaModel {
   // adapters), as upload_parameters would set them; the rest is left as it is. Throws
   // std::invalid_argument when the count ends inside a tensor.
   void upload_base_parameters(const std::vector<float>& values);
+  // One tensor (layout().at(name).numel values), as upload_parameters would set it.
+  void upload_tensor(const std::string& name, const std::vector<float>& values);
   // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
   // (the CPU reference on the host: llm::nf4_quantize_weights, in llm_core, which this library does not
   // link) and uploads the codes and absmax.

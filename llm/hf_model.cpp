@@ -37,9 +37,13 @@ void write_text(const std::string& path, const std::string& text) {
 
 }  // namespace
 
+namespace {
+
+// Every problem of the folder against the layout (missing, misshapen and unexpected tensors; a separate
+// lm_head under tied embeddings), thrown at once; `notes` gets what is accepted but ignored.
 template <typename T>
-void load_hf_weights(const SafetensorsFolder& folder, const ParameterLayout& layout, T* params,
-                     std::vector<std::string>* notes) {
+void check_hf_weights(const SafetensorsFolder& folder, const ParameterLayout& layout,
+                      std::vector<std::string>* notes) {
   std::vector<std::string> problems;
   for (const TensorInfo& info : layout.tensors()) {
     const SafetensorsTensor* t = folder.find(info.name);
@@ -84,6 +88,14 @@ void load_hf_weights(const SafetensorsFolder& folder, const ParameterLayout& lay
     }
   }
   if (!problems.empty()) throw_problems(folder.dir(), problems);
+}
+
+}  // namespace
+
+template <typename T>
+void load_hf_weights(const SafetensorsFolder& folder, const ParameterLayout& layout, T* params,
+                     std::vector<std::string>* notes) {
+  check_hf_weights<T>(folder, layout, notes);
   for (const TensorInfo& info : layout.tensors()) {
     folder.read(info.name, params + info.offset, static_cast<size_t>(info.numel));
   }
@@ -102,6 +114,23 @@ std::vector<float> load_hf_parameters(const std::string& dir, const ModelConfig&
   const SafetensorsFolder folder(dir);
   load_hf_weights(folder, layout, params.data(), notes);
   return params;
+}
+
+void check_hf_parameters(const std::string& dir, const ModelConfig& config, std::vector<std::string>* notes) {
+  check_hf_weights<float>(SafetensorsFolder(dir), ParameterLayout(config), notes);
+}
+
+void read_hf_tensors(const std::string& dir, const ModelConfig& config, std::vector<std::string>* notes,
+                     const std::function<void(const TensorInfo&, const std::vector<float>&)>& sink) {
+  const ParameterLayout layout(config);
+  const SafetensorsFolder folder(dir);
+  check_hf_weights<float>(folder, layout, notes);
+  std::vector<float> values;
+  for (const TensorInfo& info : layout.tensors()) {
+    values.resize(static_cast<size_t>(info.numel));
+    folder.read(info.name, values.data(), values.size());
+    sink(info, values);
+  }
 }
 
 const std::vector<std::string>& hf_tokenizer_files() {

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,6 +49,15 @@ void load_hf_weights(const std::string& dir, Model<T>& model, std::vector<std::s
 // parameters outside a Model (the trainer's backends, the converter).
 std::vector<float> load_hf_parameters(const std::string& dir, const ModelConfig& config,
                                       std::vector<std::string>* notes = nullptr);
+// Checks DIR's tensors against ParameterLayout(config) as load_hf_parameters does, reading no weights
+// (except lm_head and the embeddings under tied embeddings, to compare them). Throws HfModelError.
+void check_hf_parameters(const std::string& dir, const ModelConfig& config,
+                         std::vector<std::string>* notes = nullptr);
+// The same values as load_hf_parameters one tensor at a time, without the whole arena on the host: checks
+// the folder (nothing is handed on when it throws), then hands each tensor of ParameterLayout(config), in
+// layout order, to `sink` as fp32 values.
+void read_hf_tensors(const std::string& dir, const ModelConfig& config, std::vector<std::string>* notes,
+                     const std::function<void(const TensorInfo&, const std::vector<float>&)>& sink);
 
 struct HfExportOptions {
   SafeDType dtype = SafeDType::kF32;            // F32, F16 or BF16

@@ -86,6 +86,23 @@ class TrainBackend {
     std::copy(values.begin(), values.end(), all.begin());
     write_parameters(all);
   }
+  // One tensor's values (layout().at(name).numel of them), e.g. a base model streamed from disk; before
+  // quantize_base_nf4 for a tensor NF4 will store. The default goes through a full read and write.
+  virtual void write_tensor(const std::string& name, const std::vector<float>& values) {
+    const TensorInfo& t = checked_tensor(name, values.size());
+    std::vector<float> all = read_parameters();
+    std::copy(values.begin(), values.end(), all.begin() + t.offset);
+    write_parameters(all);
+  }
+  const TensorInfo& checked_tensor(const std::string& name, size_t count) const {
+    if (!layout().contains(name)) throw std::invalid_argument("write_tensor: no tensor " + name);
+    const TensorInfo& t = layout().at(name);
+    if (count != static_cast<size_t>(t.numel)) {
+      throw std::invalid_argument("write_tensor: " + std::to_string(count) + " values for " + name + " (" +
+                                  std::to_string(t.numel) + " elements)");
+    }
+    return t;
+  }
   void check_base_count(size_t count) const {
     if (count > layout().total_elements()) {
       throw std::invalid_argument("base parameter count " + std::to_string(count) + " exceeds the model's " +

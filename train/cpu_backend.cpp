@@ -122,4 +122,9 @@ void CpuBackend::write_base_parameters(const std::vector<float>& values) {
   std::copy(values.begin(), values.end(), model_.parameters().begin());
 }
 
+void CpuBackend::write_tensor(const std::string& name, const std::vector<float>& values) {
+  const TensorInfo& t = checked_tensor(name, values.size());
+  std::copy(values.begin(), values.end(), model_.parameters().begin() + t.offset);
+}
+
 }  // namespace llm

@@ -46,6 +46,7 @@ class CpuBackend : public TrainBackend {
   std::vector<float> read_trainable_parameters() override;
   void write_trainable_parameters(const std::vector<float>& values) override;
   void write_base_parameters(const std::vector<float>& values) override;
+  void write_tensor(const std::string& name, const std::vector<float>& values) override;
   std::vector<StateBuffer> optimizer_state() override { return optimizer_->state(); }
   void load_optimizer_state(const std::vector<StateBuffer>& state) override { optimizer_->load_state(state); }
   std::string optimizer_name() const override { return optimizer_->name(); }

@@ -70,6 +70,9 @@ class CudaBackend : public TrainBackend {
   void write_base_parameters(const std::vector<float>& values) override {
     model_.upload_base_parameters(values);
   }
+  void write_tensor(const std::string& name, const std::vector<float>& values) override {
+    model_.upload_tensor(checked_tensor(name, values.size()).name, values);
+  }
   std::vector<StateBuffer> optimizer_state() override;
   void load_optimizer_state(const std::vector<StateBuffer>& state) override;
   std::string optimizer_name() const override { return optimizer_name_; }

@@ -50,6 +50,8 @@ data::Batch SftBatchSource::next() {
   return b;
 }
 
+// The base model's config and tokenizer, and the weights of our checkpoint. A Hugging Face folder's
+// weights are only checked here (an empty vector comes back): run_sft streams them into the backend.
 std::vector<float> load_base_model(const std::string& base_model, ModelConfig& config,
                                    std::string& tokenizer_spec) {
   if (is_dir(base_model)) {
@@ -57,14 +59,14 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
     config = hf.config;
     for (const auto& note : hf.notes) std::printf("note: %s: %s\n", base_model.c_str(), note.c_str());
     std::vector<std::string> notes;
-    std::vector<float> params = load_hf_parameters(base_model, config, &notes);
+    check_hf_parameters(base_model, config, &notes);
     for (const auto& note : notes) std::printf("note: %s: %s\n", base_model.c_str(), note.c_str());
     if (!is_file(base_model + "/tokenizer.json")) {
       throw ConfigError("base_model: " + base_model +
                         " has no tokenizer.json; copy the tokenizer files of the model into the folder");
     }
     tokenizer_spec = base_model;
-    return params;
+    return {};
   }
   if (!is_file(base_model)) {
     throw ConfigError("base_model: \"" + base_model +
@@ -199,12 +201,22 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   bo.decay_names = tc.decay_names;
   bo.lora = config.lora;
   bo.quant = config.quant;
-  bo.init_base = base.empty();  // a base model's weights are written below
+  bo.init_base = config.base_model.empty();  // a base model's weights are written below
   const std::unique_ptr<TrainBackend> backend = make_backend(device, tc.model, tc.optimizer, bo);
   // LoRA: checkpoints leave the frozen base out and name it by a fingerprint of its values (before NF4
   // quantisation, which is deterministic), checked on resume.
   json frozen_base;
-  if (!base.empty()) {
+  if (is_dir(config.base_model)) {
+    // A Hugging Face folder, one tensor at a time: the host never holds the whole base.
+    FrozenFingerprint fingerprint;
+    read_hf_tensors(config.base_model, tc.model, nullptr,
+                    [&](const TensorInfo& t, const std::vector<float>& values) {
+                      if (!backend->layout().at(t.name).trainable)
+                        fingerprint.add(values.data(), values.size());
+                      backend->write_tensor(t.name, values);
+                    });
+    if (config.lora.enabled) frozen_base["fingerprint"] = fingerprint.hex();
+  } else if (!base.empty()) {
     // The base tensors come first in the layout, the adapters (initialised by the backend) after them.
     if (config.lora.enabled) {
       frozen_base["fingerprint"] = frozen_tensors_fingerprint(backend->layout(), base.data(), base.size());

@@ -252,8 +252,23 @@ bool Trainer::adapters_only_checkpoints() const {
   return false;
 }
 
+void FrozenFingerprint::add(const float* values, size_t n) {
+  for (size_t i = 0; i < n; i += 2) {
+    uint32_t bits[2] = {0, 0};
+    std::memcpy(bits, values + i, (i + 1 < n ? 2 : 1) * sizeof(float));
+    hash_ = (hash_ ^ (static_cast<uint64_t>(bits[1]) << 32 | bits[0])) * 1099511628211ull;  // FNV prime
+    hash_ ^= hash_ >> 32;  // a product carries low bits up only; this carries the high ones down
+  }
+}
+
+std::string FrozenFingerprint::hex() const {
+  char text[17];
+  std::snprintf(text, sizeof(text), "%016llx", static_cast<unsigned long long>(hash_));
+  return text;
+}
+
 std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const float* params, size_t count) {
-  uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
+  FrozenFingerprint fingerprint;
   for (const auto& t : layout.tensors()) {
     if (t.trainable) continue;
     const size_t n = static_cast<size_t>(t.numel);
@@ -261,17 +276,9 @@ std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const floa
       throw std::invalid_argument("frozen_tensors_fingerprint: " + t.name + " lies beyond the " +
                                   std::to_string(count) + " values given");
     }
-    const float* v = params + t.offset;
-    for (size_t i = 0; i < n; i += 2) {
-      uint32_t bits[2] = {0, 0};
-      std::memcpy(bits, v + i, (i + 1 < n ? 2 : 1) * sizeof(float));
-      hash = (hash ^ (static_cast<uint64_t>(bits[1]) << 32 | bits[0])) * 1099511628211ull;  // FNV prime
-      hash ^= hash >> 32;  // a product carries low bits up only; this carries the high ones down
-    }
+    fingerprint.add(params + t.offset, n);
   }
-  char hex[17];
-  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(hash));
-  return hex;
+  return fingerprint.hex();
 }
 
 bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {

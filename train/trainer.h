@@ -85,6 +85,15 @@ class Trainer {
 // multiply over the values' bits, eight bytes at a time, each step folded with a shift so that every bit
 // reaches every other: not cryptographic, it tells bases apart.
 std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const float* params, size_t count);
+// The same fingerprint fed one frozen tensor at a time, in layout order (a base streamed from disk).
+class FrozenFingerprint {
+ public:
+  void add(const float* values, size_t n);
+  std::string hex() const;
+
+ private:
+  uint64_t hash_ = 14695981039346656037ull;  // FNV-1a 64 offset basis
+};
 
 // Builds the tokenizer, datasets, loaders and backend from a config and runs it: what
 // ./train_pretrain does. Returns the process exit code.

@@ -204,6 +204,16 @@ TEST_P(HfRoundTrip, LoadSaveLoadIsIdentical) {
   llm::ModelConfig again_config;
   const std::vector<float> again = load_params(out.str(), &again_config);
   EXPECT_EQ(again, params);
+  // Streamed one tensor at a time (from the shards), in layout order: the same values.
+  std::vector<float> streamed;
+  size_t next_offset = 0;
+  llm::read_hf_tensors(out.str(), again_config, nullptr,
+                       [&](const llm::TensorInfo& t, const std::vector<float>& values) {
+                         EXPECT_EQ(t.offset, next_offset) << t.name;
+                         next_offset = t.offset + values.size();
+                         streamed.insert(streamed.end(), values.begin(), values.end());
+                       });
+  EXPECT_EQ(streamed, params);
   json a = config.to_json(), b = again_config.to_json();
   a.erase("tokenizer_name");
   b.erase("tokenizer_name");
@@ -335,6 +345,19 @@ TEST(HfWeights, MissingUnexpectedAndMisshapenTensorsAreNamed) {
       std::string::npos)
       << error;
   EXPECT_NE(error.find("3 problems"), std::string::npos) << error;
+  // The check alone says the same, and the streaming reader hands nothing on.
+  const llm::HfConfigImport imported = llm::load_hf_config(f.dir.str());
+  try {
+    llm::check_hf_parameters(f.dir.str(), imported.config);
+    ADD_FAILURE() << "check_hf_parameters accepted the folder";
+  } catch (const llm::HfModelError& e) {
+    EXPECT_EQ(std::string(e.what()), error);
+  }
+  size_t handed = 0;
+  EXPECT_THROW(llm::read_hf_tensors(f.dir.str(), imported.config, nullptr,
+                                    [&](const llm::TensorInfo&, const std::vector<float>&) { ++handed; }),
+               llm::HfModelError);
+  EXPECT_EQ(handed, 0u);
 }
 
 TEST(HfWeights, TiedHeadEqualToEmbeddingIsAcceptedElseRefused) {

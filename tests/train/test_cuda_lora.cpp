@@ -421,6 +421,14 @@ TEST(CudaLora, BaseAndTrainableParametersAreWrittenAlone) {
       cpu.write_base_parameters(base_values);
       gpu.write_base_parameters(base_values);
       EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+      // And one tensor at a time (a base streamed from disk): an NF4 one and a dense one.
+      for (const char* name : {"model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"}) {
+        std::vector<float> values(static_cast<size_t>(gpu.layout().at(name).numel));
+        for (float& v : values) v = base_normal(base_rng);
+        cpu.write_tensor(name, values);
+        gpu.write_tensor(name, values);
+      }
+      EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
       if (nf4) {
         cpu.quantize_base_nf4();
         gpu.quantize_base_nf4();

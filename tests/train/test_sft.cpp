@@ -25,6 +25,7 @@
 #include "train/cpu_backend.h"
 #include "train/sft.h"
 #include "train/sft_config.h"
+#include "train/trainer.h"
 
 namespace {
 
@@ -481,6 +482,25 @@ TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
   EXPECT_THROW(adapters_only.write_trainable_parameters(std::vector<float>(3)), std::invalid_argument);
   EXPECT_THROW(adapters_only.write_base_parameters(std::vector<float>(a.size() + 1)), std::invalid_argument);
   EXPECT_THROW(adapters_only.write_base_parameters(std::vector<float>(3)), std::invalid_argument);
+
+  // One tensor at a time (a base streamed from disk), and the fingerprint fed the same way.
+  const llm::TensorInfo& embed = full.layout().at("model.embed_tokens.weight");
+  const std::vector<float> embed_values(static_cast<size_t>(embed.numel), -0.75f);
+  adapters_only.write_tensor(embed.name, embed_values);
+  full.TrainBackend::write_tensor(embed.name, embed_values);
+  EXPECT_EQ(adapters_only.read_parameters(), full.read_parameters());
+  EXPECT_THROW(adapters_only.write_tensor(embed.name, std::vector<float>(3)), std::invalid_argument);
+  EXPECT_THROW(adapters_only.write_tensor("no.such.weight", embed_values), std::invalid_argument);
+  const std::vector<float> all = full.read_parameters();
+  llm::FrozenFingerprint streamed;
+  for (const auto& t : full.layout().tensors()) {
+    if (!t.trainable) streamed.add(all.data() + t.offset, static_cast<size_t>(t.numel));
+  }
+  EXPECT_EQ(streamed.hex(), llm::frozen_tensors_fingerprint(full.layout(), all.data(), all.size()));
+  // It sees every frozen value: one changed bit changes it.
+  std::vector<float> changed = all;
+  changed[embed.offset + 5] = std::nextafter(changed[embed.offset + 5], 1.0f);
+  EXPECT_NE(llm::frozen_tensors_fingerprint(full.layout(), changed.data(), changed.size()), streamed.hex());
 }
 
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
