@@ -94,6 +94,21 @@ class TrainBackend {
     std::copy(values.begin(), values.end(), all.begin() + t.offset);
     write_parameters(all);
   }
+  virtual std::vector<StateBuffer> optimizer_state() = 0;
+  virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
+  virtual std::string optimizer_name() const = 0;
+  // The hardware's peak rate in FLOP/s for MFU (the GPU's dense bf16 rate), or 0 when not known (the CPU).
+  virtual double peak_flops() const { return 0.0; }
+
+  // QLoRA: quantises the base weights the backend holds now (every tensor of nf4_quantized_tensors) to
+  // NF4, as llm::Model::quantize_base_nf4 does; call it after the base weights are written. The CPU and
+  // CUDA backends give bit-identical dequantised weights. Backends without NF4 throw std::logic_error.
+  virtual void quantize_base_nf4() {
+    throw std::logic_error("the " + name() + " backend cannot quantise its base weights to NF4");
+  }
+
+ protected:
+  // Argument checks shared by the write_* defaults and the backends' own versions.
   const TensorInfo& checked_tensor(const std::string& name, size_t count) const {
     if (!layout().contains(name)) throw std::invalid_argument("write_tensor: no tensor " + name);
     const TensorInfo& t = layout().at(name);
@@ -112,18 +127,6 @@ class TrainBackend {
       if (t.offset < count && t.offset + static_cast<size_t>(t.numel) > count)
         throw std::invalid_argument(std::to_string(count) + " base values end inside tensor " + t.name);
     }
-  }
-  virtual std::vector<StateBuffer> optimizer_state() = 0;
-  virtual void load_optimizer_state(const std::vector<StateBuffer>& state) = 0;
-  virtual std::string optimizer_name() const = 0;
-  // The hardware's peak rate in FLOP/s for MFU (the GPU's dense bf16 rate), or 0 when not known (the CPU).
-  virtual double peak_flops() const { return 0.0; }
-
-  // QLoRA: quantises the base weights the backend holds now (every tensor of nf4_quantized_tensors) to
-  // NF4, as llm::Model::quantize_base_nf4 does; call it after the base weights are written. The CPU and
-  // CUDA backends give bit-identical dequantised weights. Backends without NF4 throw std::logic_error.
-  virtual void quantize_base_nf4() {
-    throw std::logic_error("the " + name() + " backend cannot quantise its base weights to NF4");
   }
 };
 
