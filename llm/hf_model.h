@@ -54,7 +54,8 @@ std::vector<float> load_hf_parameters(const std::string& dir, const ModelConfig&
 void check_hf_parameters(const std::string& dir, const ModelConfig& config,
                          std::vector<std::string>* notes = nullptr);
 // The same values as load_hf_parameters one tensor at a time, without the whole arena on the host: checks
-// the folder (nothing is handed on when it throws), then hands each tensor of ParameterLayout(config), in
+// the folder (nothing is handed on when the check fails; a read error later leaves the tensors before it
+// handed on), then hands each tensor of ParameterLayout(config), in
 // layout order, to `sink` as fp32 values.
 void read_hf_tensors(const std::string& dir, const ModelConfig& config, std::vector<std::string>* notes,
                      const std::function<void(const TensorInfo&, const std::vector<float>&)>& sink);

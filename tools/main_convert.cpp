@@ -181,11 +181,8 @@ int main(int argc, char** argv) {
       std::printf("reading checkpoint %s\n", ckpt_in.c_str());
       const llm::Checkpoint ck = llm::read_checkpoint(ckpt_in, /*load_optimizer=*/false);
       if (!ck.meta.contains("model")) fail(ckpt_in + ": no meta.model (the model config) in this checkpoint");
-      if (ck.meta.contains("frozen_base")) {
-        fail(ckpt_in +
-             ": a LoRA checkpoint, which holds the adapters only; convert the merged model instead "
-             "(./merge_lora --base BASE --adapter OUTPUT_DIR/final_lora_adapters --out DIR)");
-      }
+      const std::string lora_hint = llm::lora_checkpoint_hint(ckpt_in, ck.meta);
+      if (!lora_hint.empty()) fail(ckpt_in + ": " + lora_hint);
       config = llm::model_config_from_json(ck.meta["model"], ckpt_in + ": meta.model");
       if (ck.meta.contains("hf")) tokens = tokens_from_json(ck.meta["hf"]);
       std::printf("  %s\n", describe(config).c_str());

@@ -66,11 +66,7 @@ class TrainBackend {
     return out;
   }
   virtual void write_trainable_parameters(const std::vector<float>& values) {
-    if (values.size() != layout().trainable_elements()) {
-      throw std::invalid_argument("trainable parameter count " + std::to_string(values.size()) +
-                                  " does not match the model's " +
-                                  std::to_string(layout().trainable_elements()));
-    }
+    check_trainable_count(values.size());
     std::vector<float> all = read_parameters();
     for (const auto& t : layout().tensors()) {
       if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, all.begin() + t.offset);
@@ -110,13 +106,20 @@ class TrainBackend {
  protected:
   // Argument checks shared by the write_* defaults and the backends' own versions.
   const TensorInfo& checked_tensor(const std::string& name, size_t count) const {
-    if (!layout().contains(name)) throw std::invalid_argument("write_tensor: no tensor " + name);
+    if (!layout().contains(name)) throw std::invalid_argument("no tensor " + name + " in the layout");
     const TensorInfo& t = layout().at(name);
     if (count != static_cast<size_t>(t.numel)) {
-      throw std::invalid_argument("write_tensor: " + std::to_string(count) + " values for " + name + " (" +
+      throw std::invalid_argument(std::to_string(count) + " values for " + name + " (" +
                                   std::to_string(t.numel) + " elements)");
     }
     return t;
+  }
+  void check_trainable_count(size_t count) const {
+    if (count != layout().trainable_elements()) {
+      throw std::invalid_argument("trainable parameter count " + std::to_string(count) +
+                                  " does not match the model's " +
+                                  std::to_string(layout().trainable_elements()));
+    }
   }
   void check_base_count(size_t count) const {
     if (count > layout().total_elements()) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -180,6 +181,23 @@ Checkpoint read_checkpoint(const std::string& path, bool load_optimizer) {
     expected_offset += count * sizeof(float);
   }
   return checkpoint;
+}
+
+std::string lora_checkpoint_hint(const std::string& path, const json& meta) {
+  if (!meta.contains("frozen_base") || !meta["frozen_base"].is_object()) return "";
+  const json& base = meta["frozen_base"];
+  const std::string source =
+      base.contains("source") && base["source"].is_string() ? base["source"].get<std::string>() : "BASE";
+  const bool nf4 = base.contains("nf4") && base["nf4"] == true;
+  const bool double_quant = base.contains("double_quant") && base["double_quant"] == true;
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  const bool best = std::filesystem::path(path).filename() == "best.ckpt";
+  const std::string adapter =
+      (dir.empty() ? "" : dir + "/") + (best ? "best_lora_adapters" : "final_lora_adapters");
+  return "a LoRA checkpoint, which holds the adapters only; merge the PEFT adapters saved beside it: "
+         "./merge_lora --base " +
+         source + " --adapter " + adapter + " --out DIR" +
+         (nf4 ? (double_quant ? " --nf4" : " --nf4 --no-double-quant") : "");
 }
 
 }  // namespace llm

@@ -106,11 +106,7 @@ std::vector<float> CpuBackend::read_trainable_parameters() {
 }
 
 void CpuBackend::write_trainable_parameters(const std::vector<float>& values) {
-  if (values.size() != layout().trainable_elements()) {
-    throw std::invalid_argument("trainable parameter count " + std::to_string(values.size()) +
-                                " does not match the model's " +
-                                std::to_string(layout().trainable_elements()));
-  }
+  check_trainable_count(values.size());
   std::vector<float>& params = model_.parameters();
   for (const auto& t : layout().tensors()) {
     if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, params.begin() + t.offset);

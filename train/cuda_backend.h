@@ -65,9 +65,11 @@ class CudaBackend : public TrainBackend {
   void write_parameters(const std::vector<float>& values) override { model_.upload_parameters(values); }
   std::vector<float> read_trainable_parameters() override { return model_.download_trainable_parameters(); }
   void write_trainable_parameters(const std::vector<float>& values) override {
+    check_trainable_count(values.size());
     model_.upload_trainable_parameters(values);
   }
   void write_base_parameters(const std::vector<float>& values) override {
+    check_base_count(values.size());
     model_.upload_base_parameters(values);
   }
   void write_tensor(const std::string& name, const std::vector<float>& values) override {

@@ -74,6 +74,8 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
   }
   const Checkpoint ck = read_checkpoint(base_model, false);
   if (!ck.meta.contains("model")) throw CheckpointError(base_model + ": the header has no model config");
+  const std::string lora_hint = lora_checkpoint_hint(base_model, ck.meta);
+  if (!lora_hint.empty()) throw CheckpointError(base_model + ": " + lora_hint);
   config = model_config_from_json(ck.meta["model"], base_model + ": model");
   const ParameterLayout layout(config);
   std::vector<float> params(layout.total_elements());
@@ -231,6 +233,7 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
     frozen_base["source"] = config.base_model.empty() ? "random init" : config.base_model;
     frozen_base["nf4"] = config.quant.nf4;
     frozen_base["double_quant"] = config.quant.nf4 && config.quant.double_quant;
+    if (config.quant.nf4) frozen_base["nf4_blocksize"] = config.quant.blocksize;
   }
   if (config.quant.nf4) backend->quantize_base_nf4();
 

@@ -3,8 +3,9 @@
 // data is rendered, masked, packed and batched (data/sft_dataset.h, data/sft_loader.h); and the shared
 // Trainer loop (train/trainer.h) runs the steps, evaluations and checkpoints.
 //
-// Outputs in output_dir: latest.ckpt and best.ckpt (the full trainer state: base and adapters,
-// optimizer, data position), metrics.jsonl, and with LoRA the adapters in PEFT's layout:
+// Outputs in output_dir: latest.ckpt and best.ckpt (the trainer state: the trainable tensors, which with
+// LoRA are the adapters alone, the frozen base named by its fingerprint; optimizer state; data
+// position), metrics.jsonl, and with LoRA the adapters in PEFT's layout:
 // best_lora_adapters/ (best validation loss) and final_lora_adapters/ (the last step); a full fine-tune
 // writes Hugging Face folders best_model/ and final_model/ instead (in the base folder's dtype).
 // Re-running the same command after a kill resumes from output_dir/latest.ckpt.
@@ -42,9 +43,11 @@ struct SftRunOptions {
   bool fresh = false;  // ignore output_dir/latest.ckpt and start over
 };
 
-// The base model's architecture and parameters (ParameterLayout(config) order) from base_model: an HF
-// folder (config.json and safetensors) or one of our checkpoints. `tokenizer_spec` receives where the
-// tokenizer comes from (the folder, or the checkpoint's tokenizer_name). Throws with the path named.
+// The base model's architecture from base_model, an HF folder (config.json and safetensors) or one of our
+// checkpoints, and the parameters (ParameterLayout(config) order) of a checkpoint; an HF folder's weights
+// are only checked, and an empty vector comes back (run_sft streams them, read_hf_tensors).
+// `tokenizer_spec` receives where the tokenizer comes from (the folder, or the checkpoint's
+// tokenizer_name). Throws with the path named.
 std::vector<float> load_base_model(const std::string& base_model, ModelConfig& config,
                                    std::string& tokenizer_spec);
 

@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -140,7 +141,7 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
       current.erase("tokenizer_name");
       if (saved == current) {  // e.g. a Hugging Face base folder that moved: its path names the tokenizer
         throw fail("it was made with the tokenizer " + saved_tokenizer.dump() + ", and this config's is " +
-                   current_tokenizer.dump());
+                   current_tokenizer.dump() + " (give base_model the path the run was started with)");
       }
     }
     throw fail("it was made for a different model architecture than this config describes");
@@ -171,7 +172,7 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
     if (saved_id != current_id) {
       throw fail("it was trained on another frozen base (" + source(saved) + ": " + saved_id.dump() +
                  "; this run: " + source(frozen_base) + ": " + current_id.dump() +
-                 "): a different base_model, or other quantisation settings");
+                 "): a different base_model (or, without one, another seed), or other quantisation settings");
     }
   }
   const size_t stored =
@@ -195,7 +196,27 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
     if (!loaded.insert(a.name).second) throw fail("tensor " + a.name + " appears twice");
     std::copy(a.data.begin(), a.data.end(), params.begin() + (adapters_only ? t.grad_offset : t.offset));
   }
-  if (loaded.size() != expected_tensors) throw fail("some parameter tensors are missing");
+  if (loaded.size() != expected_tensors) {
+    for (const auto& t : backend_.layout().tensors()) {
+      if ((!adapters_only || t.trainable) && loaded.count(t.name) == 0)
+        throw fail("tensor " + t.name + " is missing");
+    }
+  }
+  // A checkpoint with every tensor, in a run with a frozen base: its frozen tensors must be the base this
+  // run loaded (whose fingerprint later checkpoints will carry), and only the trainable ones are taken.
+  const bool keep_frozen = !adapters_only && adapters_only_checkpoints();
+  if (keep_frozen) {
+    const std::vector<float> current = backend_.read_parameters();
+    for (const auto& t : backend_.layout().tensors()) {
+      if (t.trainable) continue;
+      const auto first = params.begin() + static_cast<std::ptrdiff_t>(t.offset);
+      if (!std::equal(first, first + t.numel, current.begin() + static_cast<std::ptrdiff_t>(t.offset))) {
+        throw fail("its frozen tensor " + t.name + " differs from this run's base (" +
+                   (frozen_base.contains("source") ? frozen_base["source"].dump() : std::string("?")) +
+                   "): it was trained on another base");
+      }
+    }
+  }
   // Fresh optimizer state counts its own steps from 1 (AdamW's bias correction assumes it).
   int64_t optimizer_step_offset = step;
   if (load_optimizer_state) {
@@ -228,6 +249,12 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
   optimizer_step_offset_ = optimizer_step_offset;
   if (adapters_only) {
     backend_.write_trainable_parameters(params);
+  } else if (keep_frozen) {
+    std::vector<float> trainable(backend_.layout().trainable_elements());
+    for (const auto& t : backend_.layout().tensors()) {
+      if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, trainable.begin() + t.grad_offset);
+    }
+    backend_.write_trainable_parameters(trainable);
   } else {
     backend_.write_parameters(params);
   }

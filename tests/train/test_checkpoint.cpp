@@ -405,3 +405,25 @@ TEST_F(CheckpointTest, FailedWriteKeepsThePreviousCheckpoint) {
 }
 
 }  // namespace
+
+// A LoRA checkpoint (frozen_base in its header) is not a whole model: the hint names the ./merge_lora
+// command for the adapters saved beside it, with --nf4 for QLoRA; other checkpoints get no hint.
+TEST(LoraCheckpointHint, NamesTheMergeCommand) {
+  llm::json meta;
+  EXPECT_EQ(llm::lora_checkpoint_hint("out/best.ckpt", meta), "");
+  meta["frozen_base"] = {{"source", "models/qwen"}, {"nf4", false}, {"double_quant", false}};
+  const std::string lora = llm::lora_checkpoint_hint("out/best.ckpt", meta);
+  EXPECT_NE(lora.find("./merge_lora --base models/qwen --adapter out/best_lora_adapters --out DIR"),
+            std::string::npos)
+      << lora;
+  EXPECT_EQ(lora.find("--nf4"), std::string::npos) << lora;
+  meta["frozen_base"]["nf4"] = true;
+  const std::string qlora = llm::lora_checkpoint_hint("out/latest.ckpt", meta);
+  EXPECT_NE(qlora.find("--adapter out/final_lora_adapters --out DIR --nf4 --no-double-quant"),
+            std::string::npos)
+      << qlora;
+  meta["frozen_base"]["double_quant"] = true;
+  EXPECT_NE(
+      llm::lora_checkpoint_hint("latest.ckpt", meta).find("--adapter final_lora_adapters --out DIR --nf4"),
+      std::string::npos);
+}

@@ -353,9 +353,10 @@ void run_example_config(const std::string& name, bool nf4) {
   fs::remove_all(out);
 }
 
-// LoRA checkpoints hold the adapters alone and name their frozen base by a fingerprint of its values. A
-// rerun on another base is refused; the same base from another folder resumes bitwise; and a checkpoint
-// written with every tensor and no frozen_base (as before adapters-only checkpoints) still resumes.
+// LoRA checkpoints hold the adapters alone and name their frozen base by a fingerprint of its values (the
+// streamed base's, equal to the whole arena's). A rerun on changed base weights is refused, and so is one
+// from a moved folder (its path names the tokenizer); on the same base it resumes bitwise. A checkpoint
+// with every tensor and no frozen_base resumes too, unless its frozen tensors are not this run's base.
 TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
   llm::ModelConfig config;
   const std::string base = small_hf_folder(config);
@@ -378,8 +379,13 @@ TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
   }
   EXPECT_EQ(adapters, 2u * 7u * 2u);  // A and B of 7 modules in each of 2 layers
   EXPECT_EQ(ck.meta["frozen_base"]["source"], base);
-  EXPECT_EQ(ck.meta["frozen_base"]["fingerprint"].get<std::string>().size(), 16u);
   EXPECT_EQ(ck.meta["frozen_base"]["nf4"], false);
+  {  // the streamed fingerprint is the whole arena's
+    const llm::Model<float> lora_model(config, llm::ModelOptions(1, 8, false, run_config(a, base).lora));
+    const std::vector<float> base_values = llm::load_hf_parameters(base, config);
+    EXPECT_EQ(ck.meta["frozen_base"]["fingerprint"],
+              llm::frozen_tensors_fingerprint(lora_model.layout(), base_values.data(), base_values.size()));
+  }
   const std::string final_adapter = "/final_lora_adapters/adapter_model.safetensors";
 
   // The base folder's weights replaced by others of the same shapes: the automatic resume is refused,
@@ -421,6 +427,16 @@ TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
   }
   fs::remove_all(b);
   fs::create_directories(b);
+  // ... unless its frozen tensors are not this run's base.
+  llm::Checkpoint other_base = full;
+  other_base.arrays.back().data[0] += 1.0f;
+  llm::write_checkpoint(b + "/latest.ckpt", other_base);
+  try {
+    llm::run_sft(run_config(b, base), quiet());
+    ADD_FAILURE() << "resumed a checkpoint trained on another base";
+  } catch (const llm::CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("differs from this run's base"), std::string::npos) << e.what();
+  }
   llm::write_checkpoint(b + "/latest.ckpt", full);
   ASSERT_EQ(llm::run_sft(run_config(b, base), quiet()), 0);
   EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
@@ -429,8 +445,6 @@ TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
   for (const std::string& dir : {base, moved, a, b}) fs::remove_all(dir);
 }
 
-// Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and the result is
-// written as a Hugging Face folder rather than adapters.
 // With a base model the backend initialises only the adapters (init_base false): the same adapters as a
 // full initialisation, and a base left at zero for the caller to write.
 TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
@@ -503,6 +517,8 @@ TEST(SftTraining, BackendWithoutBaseInitHasTheSameAdapters) {
   EXPECT_NE(llm::frozen_tensors_fingerprint(full.layout(), changed.data(), changed.size()), streamed.hex());
 }
 
+// Full fine-tuning of a Hugging Face folder: every base tensor trains, the loss falls, and the result is
+// written as a Hugging Face folder rather than adapters.
 TEST(SftTraining, FullFineTuningOfAHuggingFaceFolder) {
   llm::ModelConfig config;
   const std::string base = small_hf_folder(config);
