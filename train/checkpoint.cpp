@@ -194,9 +194,13 @@ std::string lora_checkpoint_hint(const std::string& path, const json& meta) {
   const bool best = std::filesystem::path(path).filename() == "best.ckpt";
   const std::string adapter =
       (dir.empty() ? "" : dir + "/") + (best ? "best_lora_adapters" : "final_lora_adapters");
-  return "a LoRA checkpoint, which holds the adapters only; merge the PEFT adapters saved beside it: "
-         "./merge_lora --base " +
-         source + " --adapter " + adapter + " --out DIR" +
+  // ./merge_lora takes a Hugging Face folder: a base that is one of our checkpoints is converted first.
+  const bool base_is_checkpoint = source.size() >= 5 && source.compare(source.size() - 5, 5, ".ckpt") == 0;
+  const std::string convert =
+      base_is_checkpoint ? "./convert --ckpt-in " + source + " --hf-out BASE_DIR, then " : std::string();
+  const std::string merge_base = base_is_checkpoint ? std::string("BASE_DIR") : source;
+  return "a LoRA checkpoint, which holds the adapters only; merge the PEFT adapters saved beside it: " +
+         convert + "./merge_lora --base " + merge_base + " --adapter " + adapter + " --out DIR" +
          (nf4 ? (double_quant ? " --nf4" : " --nf4 --no-double-quant") : "");
 }
 

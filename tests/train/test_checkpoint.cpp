@@ -422,6 +422,12 @@ TEST(LoraCheckpointHint, NamesTheMergeCommand) {
   EXPECT_NE(qlora.find("--adapter out/final_lora_adapters --out DIR --nf4 --no-double-quant"),
             std::string::npos)
       << qlora;
+  meta["frozen_base"]["source"] = "runs/pretrain/best.ckpt";  // our checkpoint: converted first
+  const std::string from_checkpoint = llm::lora_checkpoint_hint("out/latest.ckpt", meta);
+  EXPECT_NE(from_checkpoint.find("./convert --ckpt-in runs/pretrain/best.ckpt --hf-out BASE_DIR, then "
+                                 "./merge_lora --base BASE_DIR"),
+            std::string::npos)
+      << from_checkpoint;
   meta["frozen_base"]["double_quant"] = true;
   EXPECT_NE(
       llm::lora_checkpoint_hint("latest.ckpt", meta).find("--adapter final_lora_adapters --out DIR --nf4"),
