@@ -1,5 +1,6 @@
 #include "llm/params.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace llm {
@@ -105,6 +106,20 @@ void ParameterLayout::append(const std::string& name, std::vector<int64_t> shape
   if (contains(name)) throw std::invalid_argument("parameter tensor " + name + " already exists");
   add(name, std::move(shape), role);
   assign_gradient_offsets();
+}
+
+std::vector<float> gather_trainable(const ParameterLayout& layout, const float* arena) {
+  std::vector<float> out(layout.trainable_elements());
+  for (const auto& t : layout.tensors()) {
+    if (t.trainable) std::copy_n(arena + t.offset, t.numel, out.begin() + t.grad_offset);
+  }
+  return out;
+}
+
+void scatter_trainable(const ParameterLayout& layout, const float* trainable, float* arena) {
+  for (const auto& t : layout.tensors()) {
+    if (t.trainable) std::copy_n(trainable + t.grad_offset, t.numel, arena + t.offset);
+  }
 }
 
 }  // namespace llm

@@ -61,4 +61,10 @@ class ParameterLayout {
 // "model.layers.3.self_attn.q_proj.weight" and friends.
 std::string layer_tensor_name(int layer, const std::string& suffix);
 
+// The trainable tensors of a whole parameter arena (layout order), each at its grad_offset:
+// layout.trainable_elements() values (what a LoRA checkpoint holds).
+std::vector<float> gather_trainable(const ParameterLayout& layout, const float* arena);
+// The reverse: each trainable tensor from `trainable` (at its grad_offset) into the arena.
+void scatter_trainable(const ParameterLayout& layout, const float* trainable, float* arena);
+
 }  // namespace llm

@@ -59,18 +59,12 @@ class TrainBackend {
   // values. A backend with a frozen base may override these to avoid copying the whole base.
   virtual std::vector<float> read_trainable_parameters() {
     const std::vector<float> all = read_parameters();
-    std::vector<float> out(layout().trainable_elements());
-    for (const auto& t : layout().tensors()) {
-      if (t.trainable) std::copy_n(all.begin() + t.offset, t.numel, out.begin() + t.grad_offset);
-    }
-    return out;
+    return gather_trainable(layout(), all.data());
   }
   virtual void write_trainable_parameters(const std::vector<float>& values) {
     check_trainable_count(values.size());
     std::vector<float> all = read_parameters();
-    for (const auto& t : layout().tensors()) {
-      if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, all.begin() + t.offset);
-    }
+    scatter_trainable(layout(), values.data(), all.data());
     write_parameters(all);
   }
   // The first values.size() elements of the parameter arena: a base model's tensors, which precede every

@@ -97,20 +97,12 @@ void CpuBackend::write_parameters(const std::vector<float>& values) {
 }
 
 std::vector<float> CpuBackend::read_trainable_parameters() {
-  std::vector<float> out(layout().trainable_elements());
-  const std::vector<float>& params = model_.parameters();
-  for (const auto& t : layout().tensors()) {
-    if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, out.begin() + t.grad_offset);
-  }
-  return out;
+  return gather_trainable(layout(), model_.parameters().data());
 }
 
 void CpuBackend::write_trainable_parameters(const std::vector<float>& values) {
   check_trainable_count(values.size());
-  std::vector<float>& params = model_.parameters();
-  for (const auto& t : layout().tensors()) {
-    if (t.trainable) std::copy_n(values.begin() + t.grad_offset, t.numel, params.begin() + t.offset);
-  }
+  scatter_trainable(layout(), values.data(), model_.parameters().data());
 }
 
 void CpuBackend::write_base_parameters(const std::vector<float>& values) {

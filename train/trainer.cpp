@@ -250,11 +250,7 @@ int64_t Trainer::restore_checkpoint(const std::string& path, bool load_optimizer
   if (adapters_only) {
     backend_.write_trainable_parameters(params);
   } else if (keep_frozen) {
-    std::vector<float> trainable(backend_.layout().trainable_elements());
-    for (const auto& t : backend_.layout().tensors()) {
-      if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, trainable.begin() + t.grad_offset);
-    }
-    backend_.write_trainable_parameters(trainable);
+    backend_.write_trainable_parameters(gather_trainable(backend_.layout(), params.data()));
   } else {
     backend_.write_parameters(params);
   }

@@ -326,10 +326,7 @@ TEST(PeftSave, RoundTripAndConfigFields) {
 
   // From the trainable tensors alone, each at its grad_offset (as a backend reads them for a LoRA run):
   // the same files, byte for byte.
-  std::vector<float> trainable(layout.trainable_elements());
-  for (const auto& t : layout.tensors()) {
-    if (t.trainable) std::copy_n(params.begin() + t.offset, t.numel, trainable.begin() + t.grad_offset);
-  }
+  std::vector<float> trainable = llm::gather_trainable(layout, params.data());
   const std::string from_trainable = tmp.sub("from_trainable");
   llm::save_peft_adapter_from_trainable(from_trainable, config, s, layout, trainable, "org/base-model");
   const auto bytes = [](const std::string& path) {
