@@ -5,8 +5,8 @@
 # model (Qwen2-0.5B's shape, about 1 GB written in some 10 s, reused from /tmp on a warm machine) with
 # fewer steps and a time budget below that limit, so that run.sh's table and "summary:" lines come out
 # even when a run is slow; a run that no longer fits is reported as skipped, not left to be killed.
-# Expected on an H200: our LoRA and QLoRA runs and peft's LoRA run; peft's QLoRA is "skipped (no
-# bitsandbytes)" on an image without it.
+# Expected on an H200: our LoRA and QLoRA runs and peft's LoRA and QLoRA runs (bitsandbytes from the wheel
+# that dev/gpu/stage.sh staged; without it peft's QLoRA is "skipped (no bitsandbytes)").
 #
 # Usage, from the repository root, after building train_sft:   bash dev/bench/sft_vs_peft.sh
 # Environment: run.sh's SFT_BENCH_* and PYTHON variables, all passed through; this script only changes

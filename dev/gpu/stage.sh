@@ -15,6 +15,14 @@
 #                                    PCRE2 for pkg_check_modules(libpcre2-8); the .pc file is relocatable
 #                                    (prefix=${pcfiledir}/../..)
 #   .gpu_deps/bin/pkg-config         pkgconf and its library, used only when the GPU machine has no pkg-config
+#   .gpu_deps/wheels/bitsandbytes-*.whl
+#                                    (about 43 MB, fetched with pip when this machine reaches PyPI) for the
+#                                    peft QLoRA side of dev/bench/sft_vs_peft, which unpacks it on the GPU
+#                                    machine; the image there has torch, numpy and packaging but no
+#                                    bitsandbytes. Left out with a note when pip cannot fetch it; set
+#                                    STAGE_BITSANDBYTES=0 to leave it out on purpose.
+#
+# The device tool carries at most 64 MiB; the total is checked at the end.
 #
 # Usage: bash dev/gpu/stage.sh        (from anywhere; it writes into this checkout)
 set -euo pipefail
@@ -83,12 +91,27 @@ EOF
   chmod +x "$dest/bin/pkg-config"
 fi
 
+# bitsandbytes for peft's QLoRA run: optional, so a failure is a note, not an error.
+bnb_wheel="not staged"
+if [ "${STAGE_BITSANDBYTES:-1}" != 0 ]; then
+  python=${PYTHON:-python3}
+  mkdir -p "$dest/wheels"
+  if timeout 300 "$python" -m pip download --quiet --no-deps --only-binary=:all: --dest "$dest/wheels" \
+    bitsandbytes >/dev/null 2>&1; then
+    bnb_wheel=$(find "$dest/wheels" -name 'bitsandbytes-*.whl' -printf '%f\n' | head -1)
+  else
+    echo "stage.sh: note: could not fetch the bitsandbytes wheel with pip; peft's QLoRA run will be skipped" >&2
+    rm -rf "$dest/wheels"
+  fi
+fi
+
 {
   echo "staged $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m) from:"
   echo "  googletest   $gtest_src ($(grep -m1 -o 'GOOGLETEST_VERSION [0-9.]*' "$gtest_src/CMakeLists.txt" || true))"
   echo "  nlohmann     $json_inc, $json_cmake"
   echo "  pcre2        $pcre_h, $libdir/libpcre2-8.so*, $pcre_pc"
   echo "  pkgconf      ${pkgconf_bin:-none}"
+  echo "  wheels       $bnb_wheel"
 } >"$dest/MANIFEST"
 
 # Sanity: the staged pkg-config file resolves into .gpu_deps.
@@ -103,6 +126,10 @@ fi
 
 cat "$dest/MANIFEST"
 echo "stage.sh: $(du -sh "$dest" | cut -f1) in $dest"
+staged_kib=$(du -sk "$dest" | cut -f1)
+if [ "$staged_kib" -gt $((60 * 1024)) ]; then
+  die "$dest holds ${staged_kib} KiB, too close to the device tool's 64 MiB carry limit (STAGE_BITSANDBYTES=0 leaves the wheel out)"
+fi
 if ! git -C "$root" check-ignore -q "$dest" 2>/dev/null; then
   echo "stage.sh: note: .gpu_deps/ is not git-ignored yet; add the line '/.gpu_deps/' to .gitignore" >&2
 fi

@@ -21,7 +21,8 @@
 # both as the peak of nvidia-smi's memory.used during the run minus its value before (this includes the
 # CUDA context, cuBLAS workspaces and allocator caching, and is the column the memory ratio uses).
 #
-# The PyTorch side needs torch, transformers, peft and (for QLoRA) bitsandbytes on the GPU machine;
+# The PyTorch side needs torch, transformers, peft and (for QLoRA) bitsandbytes on the GPU machine (a wheel
+# that dev/gpu/stage.sh put in .gpu_deps/wheels/ is installed into the work folder when it is missing);
 # without them it is reported as "skipped: no torch/transformers/peft" (or "no bitsandbytes") and only
 # our numbers are printed. dev/gpu/check.sh runs it through dev/bench/sft_vs_peft.sh (fewer steps, a time
 # budget); by hand, after building train_sft:
@@ -124,6 +125,17 @@ if ! "$python" -c "import torch, transformers, peft" >/dev/null 2>&1; then
   "$python" -c "import torch" >/dev/null 2>&1 && torch_missing="no transformers/peft"
 fi
 bnb_missing=""
+# A bitsandbytes wheel staged by dev/gpu/stage.sh is installed into the work folder when the Python has none.
+bnb_wheel=$(find "$root/.gpu_deps/wheels" -name 'bitsandbytes-*.whl' 2>/dev/null | head -1)
+if ! "$python" -c "import bitsandbytes" >/dev/null 2>&1 && [ -n "$bnb_wheel" ] && [ -z "$torch_missing" ]; then
+  echo "== installing the staged $(basename "$bnb_wheel") into $work/site"
+  if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+    "$bnb_wheel" >/dev/null 2>&1; then
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "   pip could not install it"
+  fi
+fi
 "$python" -c "import bitsandbytes" >/dev/null 2>&1 || bnb_missing="no bitsandbytes"
 
 # Peak of memory.used (MiB) on GPU 0 while a command runs, sampled every 0.2 s into a file.
