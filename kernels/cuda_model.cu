@@ -227,6 +227,18 @@ size_t norm_scratch_floats_up_to(size_t max_rows, int width) {
   return norm_backward_scratch_floats(static_cast<int>(std::min(max_rows, kWidest)), width);
 }
 
+// Whether every value survives fp32 -> bf16 -> fp32 bit for bit: its low 16 bits are zero, and it is
+// neither NaN (the conversion may change the payload) nor subnormal (whether the device conversion
+// flushes it must not matter).
+bool bf16_holds_exactly(const float* x, size_t n) {
+  for (size_t j = 0; j < n; ++j) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, x + j, sizeof bits);
+    if ((bits & 0xFFFFu) != 0 || std::isnan(x[j]) || std::fpclassify(x[j]) == FP_SUBNORMAL) return false;
+  }
+  return true;
+}
+
 // a and b hold the same values: equal as numbers, or with the same bits (NaN).
 bool same_values(const float* a, const float* b, size_t n) {
   for (size_t j = 0; j < n; ++j) {
@@ -255,6 +267,7 @@ struct CudaModel::Impl {
   virtual void upload_tensor(const std::string& name, const std::vector<float>& values) = 0;
   virtual void quantize_base_nf4(const Nf4HostQuantizer& quantize) = 0;
   virtual bool nf4_quantized() const = 0;
+  virtual size_t host_parameter_bytes() const = 0;
   virtual size_t device_offset(const std::string& name) const = 0;
   virtual std::vector<float> download_gradients() const = 0;
   virtual void upload_gradients(const std::vector<float>& values) = 0;
@@ -301,6 +314,7 @@ class ModelImpl final : public CudaModel::Impl {
   void upload_tensor(const std::string& name, const std::vector<float>& values) override;
   void quantize_base_nf4(const Nf4HostQuantizer& quantize) override;
   bool nf4_quantized() const override { return nf4_ready_; }
+  size_t host_parameter_bytes() const override;
   size_t device_offset(const std::string& name) const override {
     const size_t i = tensor_index(layout.at(name));
     if (nf4_of_tensor_[i] >= 0)
@@ -347,6 +361,8 @@ class ModelImpl final : public CudaModel::Impl {
   static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
 
   // One NF4 base weight: its device pieces and the host copies that download_parameters dequantises.
+  // Before quantize_base_nf4 its values are zeros (never uploaded), `raw` (uploaded, waiting), or its
+  // codes (has_codes: uploaded with options.quantize_on_upload).
   struct Nf4Slot {
     size_t tensor = 0;  // index in layout.tensors()
     size_t n = 0, blocks = 0, blocks2 = 0;
@@ -355,9 +371,10 @@ class ModelImpl final : public CudaModel::Impl {
     float* state2 = nullptr;           // device, double quantisation: [blocks2]
     float* absmax = nullptr;           // device, without double quantisation: [blocks]
     float offset = 0.0f;               // double quantisation: the mean
+    bool has_codes = false;            // the device pieces and the host copies below are set
     std::vector<uint8_t> host_packed;  // host copies once quantised (download_parameters dequantises them)
     std::vector<float> host_absmax;    // (double-dequantised)
-    size_t pending = 0;                // offset of the values in nf4_pending_ before quantisation
+    std::vector<float> raw;            // the uploaded values, waiting for quantize_base_nf4
   };
 
   struct LayerBuffers {
@@ -431,13 +448,26 @@ class ModelImpl final : public CudaModel::Impl {
   // at dev_offset_: the trainable tensors first (layout order, so each one's device offset is its
   // grad_offset), then the frozen dense ones (layout order). bf16 mode: master_ holds the trainable
   // tensors only (master_elements_ = the first trainable_elements() of the working arena's order, at the
-  // same offsets); a frozen tensor's fp32 values live in host_values_ at host_offset_. fp32 mode:
-  // master_ == work_ holds every dense tensor (master_elements_ == dense_elements_) and host_values_ is
-  // empty. With nothing frozen and nothing quantised the device offsets are the layout offsets.
-  std::vector<size_t> dev_offset_;   // per layout tensor; kNoOffset for an NF4 tensor
-  std::vector<size_t> host_offset_;  // per layout tensor; kNoOffset unless a frozen dense tensor in bf16
+  // same offsets); a frozen tensor's values are its bf16 working copy, or, when bf16 cannot hold them,
+  // the fp32 copy in host_exact_. fp32 mode: master_ == work_ holds every dense tensor (master_elements_
+  // == dense_elements_). With nothing frozen and nothing quantised the device offsets are the layout
+  // offsets.
+  std::vector<size_t> dev_offset_;  // per layout tensor; kNoOffset for an NF4 tensor
   size_t dense_elements_ = 0, master_elements_ = 0;
-  std::vector<float> host_values_;  // bf16 mode: the exact fp32 values of the frozen dense tensors
+  // bf16 mode, per layout tensor: the exact fp32 values of a frozen dense tensor whose last upload held a
+  // value that bf16 cannot (see bf16_holds_exactly); empty otherwise.
+  std::vector<std::vector<float>> host_exact_;
+  // Whether tensor i's values live outside master_: a frozen dense tensor in bf16 mode.
+  bool frozen_without_master(size_t i) const {
+    return kBf16 && !layout.tensors()[i].trainable && nf4_of_tensor_[i] < 0;
+  }
+  // QLoRA: the current values of an NF4 tensor (dequantised codes, the waiting values, or zeros).
+  void nf4_current_values(const Nf4Slot& s, float* out) const;
+  // QLoRA: n = s.n values quantised for slot s; throws std::invalid_argument (nothing changed) when the
+  // quantiser returns pieces of the wrong sizes.
+  Nf4HostWeights nf4_quantize_slot(const Nf4Slot& s, const float* w, const Nf4HostQuantizer& quantize) const;
+  // QLoRA: copies q's codes and absmax into s's device pieces and keeps the host copies.
+  void nf4_install(Nf4Slot& s, Nf4HostWeights& q);
   float* master_ = nullptr;
   T* work_ = nullptr;  // == master_ in fp32 mode
   float* grads_ = nullptr;
@@ -488,7 +518,6 @@ class ModelImpl final : public CudaModel::Impl {
   std::vector<int> nf4_of_tensor_;           // per layout tensor: index into nf4_, or -1
   char* nf4_storage_ = nullptr;              // one device allocation for every slot's pieces
   bool nf4_ready_ = false;                   // quantize_base_nf4 has run
-  std::vector<float> nf4_pending_;           // host values of the NF4 tensors until then
   T* nf4_scratch_ = nullptr;                 // dequantised weight [O, I] of the largest NF4 matrix
   size_t nf4_scratch_elems_ = 0;
   float* nf4_absmax_scratch_ = nullptr;  // double quantisation: the layer's absmax
@@ -553,7 +582,6 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   nf4_index_.assign(config.n_layers, std::vector<int>(kTensorCount, -1));
   if (options.quant.nf4) {
     const bool dq = options.quant.double_quant;
-    size_t pending = 0;
     for (const std::string& nm : nf4_quantized_tensors(config)) {
       const TensorInfo& t = layout.at(nm);
       Nf4Slot slot;
@@ -561,14 +589,11 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
       slot.n = static_cast<size_t>(t.numel);
       slot.blocks = nf4_blocks(slot.n, options.quant.blocksize);
       slot.blocks2 = dq ? nf4_blocks(slot.blocks, kNf4NestedBlockSize) : 0;
-      slot.pending = pending;
-      pending += slot.n;
       nf4_scratch_elems_ = std::max(nf4_scratch_elems_, slot.n);
       if (dq) nf4_max_blocks_ = std::max(nf4_max_blocks_, slot.blocks);
       nf4_of_tensor_[slot.tensor] = static_cast<int>(nf4_.size());
       nf4_.push_back(std::move(slot));
     }
-    nf4_pending_.assign(pending, 0.0f);
     for (int l = 0; l < config.n_layers; ++l) {
       for (int i = 0; i < kTensorCount; ++i) {
         const std::string w = name(l, i) + ".weight";
@@ -580,7 +605,7 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   // layout is fixed from here on (layout() is const): which tensors train cannot change after
   // construction.
   dev_offset_.assign(n_tensors, kNoOffset);
-  host_offset_.assign(n_tensors, kNoOffset);
+  host_exact_.assign(n_tensors, {});
   for (size_t i = 0; i < n_tensors; ++i) {
     const TensorInfo& t = layout.tensors()[i];
     if (!t.trainable) continue;
@@ -590,19 +615,13 @@ ModelImpl<T>::ModelImpl(const ModelConfig& c, const CudaModelOptions& o) : Impl(
   }
   if (dense_elements_ != layout.trainable_elements())
     throw std::logic_error("CudaModel: the trainable tensors do not add up to trainable_elements()");
-  size_t host_elements = 0;
   for (size_t i = 0; i < n_tensors; ++i) {
     const TensorInfo& t = layout.tensors()[i];
     if (t.trainable || nf4_of_tensor_[i] >= 0) continue;
     dev_offset_[i] = dense_elements_;
     dense_elements_ += static_cast<size_t>(t.numel);
-    if constexpr (kBf16) {
-      host_offset_[i] = host_elements;
-      host_elements += static_cast<size_t>(t.numel);
-    }
   }
   master_elements_ = kBf16 ? layout.trainable_elements() : dense_elements_;
-  host_values_.assign(host_elements, 0.0f);
 
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   // A throw from here on (out of memory, typically) runs no destructor: free what was allocated.
@@ -624,7 +643,7 @@ void ModelImpl<T>::allocate_device_buffers() {
   } else {
     work_ = master_;
   }
-  // Zero until uploaded, as host_values_ is: a caller may upload the adapters now and the base later.
+  // Zero until uploaded: a caller may upload the adapters now and the base later.
   CUDA_CHECK(cudaMemsetAsync(master_, 0, M * sizeof(float), stream_));
   if (static_cast<void*>(work_) != static_cast<void*>(master_))
     CUDA_CHECK(cudaMemsetAsync(work_, 0, P * sizeof(T), stream_));
@@ -873,16 +892,16 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
     }
   }
   const auto at = [layout_values, begin](size_t offset) { return layout_values + (offset - begin); };
-  // NF4 tensors: before quantisation their values wait on the host; afterwards the codes stay, and only
-  // the current dequantised values are accepted (checked before anything changes).
+  // NF4 tensors: before quantisation their values wait on the host (or are quantised now, with
+  // options.quantize_on_upload); afterwards the codes stay, and only the current dequantised values are
+  // accepted (checked before anything changes).
   if (nf4_ready_) {
     std::vector<float> current;
     for (const Nf4Slot& s : nf4_) {
       const TensorInfo& t = layout.tensors()[s.tensor];
       if (!within(t)) continue;
       current.resize(s.n);
-      nf4_dequantize_host(current.data(), s.host_packed.data(), s.host_absmax.data(), s.n,
-                          options.quant.blocksize);
+      nf4_current_values(s, current.data());
       if (!same_values(current.data(), at(t.offset), s.n)) {
         throw std::invalid_argument(
             "upload_parameters: " + t.name +
@@ -891,19 +910,21 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
       }
     }
   }
-  // bf16 mode, frozen dense tensors: the exact values into the host copy, and the working copy
-  // converted on the device (convert_kernel, as refresh_working_copy converts the trainable ones) from a
-  // staging buffer of at most kStageElements floats, freed on return.
+  // bf16 mode, frozen dense tensors: the working copy converted on the device (convert_kernel, as
+  // refresh_working_copy converts the trainable ones) from a staging buffer of at most kStageElements
+  // floats, freed on return; an exact fp32 host copy only when bf16 cannot hold the values.
   constexpr size_t kStageElements = size_t{1} << 22;  // 16 MB
   DeviceStage stage(stream_);
   size_t stage_elements = 0;
   if constexpr (kBf16) {
     for (size_t i = 0; i < layout.tensors().size(); ++i)
-      if (host_offset_[i] != kNoOffset)
+      if (frozen_without_master(i) && within(layout.tensors()[i]))
         stage_elements = std::max(stage_elements, static_cast<size_t>(layout.tensors()[i].numel));
     stage_elements = std::min(stage_elements, kStageElements);
-    stage.ptr = static_cast<float*>(
-        device_alloc(stage_elements * sizeof(float), "parameter upload staging", "use a smaller model"));
+    if (stage_elements > 0) {
+      stage.ptr = static_cast<float*>(
+          device_alloc(stage_elements * sizeof(float), "parameter upload staging", "use a smaller model"));
+    }
   }
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     const TensorInfo& t = layout.tensors()[i];
@@ -911,19 +932,28 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
     const size_t n = static_cast<size_t>(t.numel);
     const float* src = at(t.offset);
     if (nf4_of_tensor_[i] >= 0) {
-      if (!nf4_ready_) {
-        const Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
-        std::copy(src, src + n, nf4_pending_.begin() + s.pending);
+      if (nf4_ready_) continue;
+      Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
+      if (options.quantize_on_upload) {
+        Nf4HostWeights q = nf4_quantize_slot(s, src, options.quantize_on_upload);
+        nf4_install(s, q);
+        std::vector<float>().swap(s.raw);
+      } else {
+        s.raw.assign(src, src + n);
       }
       continue;
     }
-    if (host_offset_[i] == kNoOffset) {  // a device master (every dense tensor in fp32 mode)
+    if (!frozen_without_master(i)) {  // a device master (every dense tensor in fp32 mode)
       CUDA_CHECK(
           cudaMemcpyAsync(master_ + dev_offset_[i], src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
       continue;
     }
     if constexpr (kBf16) {
-      std::copy(src, src + n, host_values_.begin() + host_offset_[i]);
+      if (bf16_holds_exactly(src, n)) {
+        std::vector<float>().swap(host_exact_[i]);
+      } else {
+        host_exact_[i].assign(src, src + n);
+      }
       // Each chunk's copy into the staging buffer is ordered after the previous chunk's conversion on
       // the stream.
       for (size_t done = 0; done < n; done += stage_elements) {
@@ -942,28 +972,28 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
 template <typename T>
 std::vector<float> ModelImpl<T>::download_parameters() const {
   std::vector<float> out(layout.total_elements());
+  std::vector<T> working;  // bf16 mode: a frozen tensor's working copy
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     if (nf4_of_tensor_[i] >= 0) continue;
     const TensorInfo& t = layout.tensors()[i];
     const size_t n = static_cast<size_t>(t.numel);
-    if (host_offset_[i] != kNoOffset) {  // frozen, bf16 mode: the host copy
-      std::copy(host_values_.begin() + host_offset_[i], host_values_.begin() + host_offset_[i] + n,
-                out.begin() + t.offset);
-    } else {
-      CUDA_CHECK(cudaMemcpyAsync(out.data() + t.offset, master_ + dev_offset_[i], n * sizeof(float),
+    float* dst = out.data() + t.offset;
+    if (!frozen_without_master(i)) {
+      CUDA_CHECK(
+          cudaMemcpyAsync(dst, master_ + dev_offset_[i], n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    } else if (!host_exact_[i].empty()) {  // values bf16 cannot hold: the host copy
+      std::copy(host_exact_[i].begin(), host_exact_[i].end(), dst);
+    } else {  // the working copy holds the values exactly
+      working.resize(n);
+      CUDA_CHECK(cudaMemcpyAsync(working.data(), work_ + dev_offset_[i], n * sizeof(T),
                                  cudaMemcpyDeviceToHost, stream_));
+      CUDA_CHECK(cudaStreamSynchronize(stream_));
+      for (size_t j = 0; j < n; ++j) dst[j] = static_cast<float>(working[j]);
     }
   }
   // The NF4 tensors: their dequantised values (bit for bit the CPU model's), or the values waiting for
   // quantisation.
-  for (const Nf4Slot& s : nf4_) {
-    float* dst = out.data() + layout.tensors()[s.tensor].offset;
-    if (nf4_ready_) {
-      nf4_dequantize_host(dst, s.host_packed.data(), s.host_absmax.data(), s.n, options.quant.blocksize);
-    } else {
-      std::copy(nf4_pending_.begin() + s.pending, nf4_pending_.begin() + s.pending + s.n, dst);
-    }
-  }
+  for (const Nf4Slot& s : nf4_) nf4_current_values(s, out.data() + layout.tensors()[s.tensor].offset);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   return out;
 }
@@ -1001,53 +1031,80 @@ std::vector<float> ModelImpl<T>::download_trainable_parameters() const {
 }
 
 template <typename T>
+void ModelImpl<T>::nf4_current_values(const Nf4Slot& s, float* out) const {
+  if (s.has_codes) {
+    nf4_dequantize_host(out, s.host_packed.data(), s.host_absmax.data(), s.n, options.quant.blocksize);
+  } else if (!s.raw.empty()) {
+    std::copy(s.raw.begin(), s.raw.end(), out);
+  } else {
+    std::fill(out, out + s.n, 0.0f);
+  }
+}
+
+template <typename T>
+Nf4HostWeights ModelImpl<T>::nf4_quantize_slot(const Nf4Slot& s, const float* w,
+                                               const Nf4HostQuantizer& quantize) const {
+  Nf4HostWeights q = quantize(w, s.n, options.quant);
+  if (q.packed.size() != nf4_packed_bytes(s.n) || q.absmax.size() != s.blocks ||
+      (options.quant.double_quant && (q.qabsmax.size() != s.blocks || q.state2.size() != s.blocks2))) {
+    throw std::invalid_argument("quantize_base_nf4: the quantiser returned misshapen NF4 data for " +
+                                layout.tensors()[s.tensor].name);
+  }
+  return q;
+}
+
+template <typename T>
+void ModelImpl<T>::nf4_install(Nf4Slot& s, Nf4HostWeights& q) {
+  CUDA_CHECK(cudaMemcpyAsync(s.packed, q.packed.data(), q.packed.size(), cudaMemcpyHostToDevice, stream_));
+  if (options.quant.double_quant) {
+    CUDA_CHECK(
+        cudaMemcpyAsync(s.qabsmax, q.qabsmax.data(), q.qabsmax.size(), cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(s.state2, q.state2.data(), q.state2.size() * sizeof(float),
+                               cudaMemcpyHostToDevice, stream_));
+    s.offset = q.offset;
+  } else {
+    CUDA_CHECK(cudaMemcpyAsync(s.absmax, q.absmax.data(), q.absmax.size() * sizeof(float),
+                               cudaMemcpyHostToDevice, stream_));
+  }
+  // Wait for the copies before q's buffers move or go.
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  s.host_packed = std::move(q.packed);
+  s.host_absmax = std::move(q.absmax);
+  s.has_codes = true;
+}
+
+template <typename T>
 void ModelImpl<T>::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
   if (!options.quant.nf4) throw std::logic_error("quantize_base_nf4: the model was not built with quant.nf4");
   if (!quantize) throw std::invalid_argument("quantize_base_nf4: no quantiser");
-  const bool dq = options.quant.double_quant;
-  const int bs = options.quant.blocksize;
-  // Quantise everything on the host first (the current values: waiting ones, or the dequantised ones),
-  // check the shapes, then upload.
+  // Quantise first (the current values: waiting ones or zeros, or after quantisation the dequantised
+  // ones), checking every shape, then install: a throw changes nothing. Codes quantised at upload stay.
   std::vector<Nf4HostWeights> q(nf4_.size());
   std::vector<float> w;
   for (size_t i = 0; i < nf4_.size(); ++i) {
     const Nf4Slot& s = nf4_[i];
+    if (s.has_codes && !nf4_ready_) continue;
     w.resize(s.n);
-    if (nf4_ready_) {
-      nf4_dequantize_host(w.data(), s.host_packed.data(), s.host_absmax.data(), s.n, bs);
-    } else {
-      std::copy(nf4_pending_.begin() + s.pending, nf4_pending_.begin() + s.pending + s.n, w.begin());
-    }
-    q[i] = quantize(w.data(), s.n, options.quant);
-    const std::string& name = layout.tensors()[s.tensor].name;
-    if (q[i].packed.size() != nf4_packed_bytes(s.n) || q[i].absmax.size() != s.blocks ||
-        (dq && (q[i].qabsmax.size() != s.blocks || q[i].state2.size() != s.blocks2))) {
-      throw std::invalid_argument("quantize_base_nf4: the quantiser returned misshapen NF4 data for " + name);
-    }
+    nf4_current_values(s, w.data());
+    q[i] = nf4_quantize_slot(s, w.data(), quantize);
   }
   for (size_t i = 0; i < nf4_.size(); ++i) {
     Nf4Slot& s = nf4_[i];
-    Nf4HostWeights& h = q[i];
-    CUDA_CHECK(cudaMemcpyAsync(s.packed, h.packed.data(), h.packed.size(), cudaMemcpyHostToDevice, stream_));
-    if (dq) {
-      CUDA_CHECK(
-          cudaMemcpyAsync(s.qabsmax, h.qabsmax.data(), h.qabsmax.size(), cudaMemcpyHostToDevice, stream_));
-      CUDA_CHECK(cudaMemcpyAsync(s.state2, h.state2.data(), h.state2.size() * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
-      s.offset = h.offset;
-    } else {
-      CUDA_CHECK(cudaMemcpyAsync(s.absmax, h.absmax.data(), h.absmax.size() * sizeof(float),
-                                 cudaMemcpyHostToDevice, stream_));
-    }
-  }
-  // Wait for the copies before the host buffers move or go.
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
-  for (size_t i = 0; i < nf4_.size(); ++i) {
-    nf4_[i].host_packed = std::move(q[i].packed);
-    nf4_[i].host_absmax = std::move(q[i].absmax);
+    if (s.has_codes && !nf4_ready_) continue;
+    nf4_install(s, q[i]);
+    std::vector<float>().swap(s.raw);
   }
   nf4_ready_ = true;
-  std::vector<float>().swap(nf4_pending_);
+}
+
+template <typename T>
+size_t ModelImpl<T>::host_parameter_bytes() const {
+  size_t bytes = 0;
+  for (const std::vector<float>& v : host_exact_) bytes += v.size() * sizeof(float);
+  for (const Nf4Slot& s : nf4_) {
+    bytes += s.raw.size() * sizeof(float) + s.host_packed.size() + s.host_absmax.size() * sizeof(float);
+  }
+  return bytes;
 }
 
 template <typename T>
@@ -1719,6 +1776,9 @@ void CudaModel::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
 }
 bool CudaModel::nf4_quantized() const {
   return impl_->nf4_quantized();
+}
+size_t CudaModel::host_parameter_bytes() const {
+  return impl_->host_parameter_bytes();
 }
 size_t CudaModel::device_offset(const std::string& name) const {
   return impl_->device_offset(name);

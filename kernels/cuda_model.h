@@ -47,6 +47,12 @@
 // runs the cuBLASLt GEMM (nf4_linear_forward / nf4_linear_backward_input, kernels/nf4.cuh).
 // The quantisation itself is the CPU reference's, on the host (see quantize_base_nf4), so the codes and the
 // dequantised values are bit for bit those of llm::Model::quantize_base_nf4.
+//
+// Host memory. A frozen dense tensor in bf16 mode keeps an fp32 host copy only when bf16 cannot hold its
+// values exactly (a Hugging Face bf16 base never needs one: its working copy is read back instead). With
+// options.quantize_on_upload, an NF4 tensor is quantised as it is uploaded and only its codes stay on the
+// host (about 0.56 bytes per weight, for download_parameters), so a base streamed tensor by tensor never
+// has its fp32 values on the host all at once.
 #pragma once
 
 #include <cstddef>
@@ -64,6 +70,11 @@
 namespace llm::cuda {
 
 enum class Precision { kFp32, kBf16 };
+
+// One weight in NF4 as the host reference computes it (llm::nf4_quantize_weights).
+using Nf4HostWeights = Nf4Weights;
+// Quantises n host weights with the given settings (blocksize, double quantisation).
+using Nf4HostQuantizer = std::function<Nf4HostWeights(const float* w, size_t n, const QuantSettings& quant)>;
 // "fp32" | "bf16"; throws std::invalid_argument for anything else.
 Precision parse_precision(const std::string& name);
 const char* precision_name(Precision precision);
@@ -76,12 +87,12 @@ struct CudaModelOptions {
   int classifier_chunk_rows = 0;  // 0: chosen from the vocabulary size (about 64 MB of logits per chunk)
   LoraSettings lora;              // adapters on a frozen base (llm/lora.h), as llm::ModelOptions::lora
   QuantSettings quant;  // QLoRA: the base's decoder-layer linear weights in NF4 (needs lora.enabled)
+  // QLoRA: when set, each NF4 tensor is quantised with it as soon as it is uploaded, and its fp32 values
+  // are not kept; download_parameters then returns the dequantised values of a written NF4 tensor even
+  // before quantize_base_nf4. Unset, the values wait on the host until quantize_base_nf4 and download
+  // returns them as written (as llm::Model does). For a base written once, tensor by tensor.
+  Nf4HostQuantizer quantize_on_upload;
 };
-
-// One weight in NF4 as the host reference computes it (llm::nf4_quantize_weights).
-using Nf4HostWeights = Nf4Weights;
-// Quantises n host weights with the given settings (blocksize, double quantisation).
-using Nf4HostQuantizer = std::function<Nf4HostWeights(const float* w, size_t n, const QuantSettings& quant)>;
 
 // AdamW hyperparameters, and per trainable tensor (layout order) its weight decay and lr multiplier.
 struct CudaAdamW {
@@ -105,7 +116,8 @@ class CudaModel {
   // Host float vectors in ParameterLayout order (total_elements()). Upload sets the master (device, or
   // host for a frozen tensor in bf16 mode) and the working copy; download returns the masters.
   // QLoRA: before quantize_base_nf4 the values of the quantised tensors wait on the host (forward refuses
-  // to run); afterwards download returns their dequantised values (bit for bit the CPU model's), and upload
+  // to run), or with options.quantize_on_upload their codes do; afterwards download returns their
+  // dequantised values (bit for bit the CPU model's), and upload
   // keeps the NF4 codes: it only accepts, for those tensors, exactly the current dequantised values (a
   // resumed checkpoint holds them) and throws std::invalid_argument for anything else, since quantising
   // dequantised NF4 values again is not guaranteed to give the same codes. Everything else is uploaded.
@@ -123,11 +135,15 @@ class CudaModel {
   void upload_tensor(const std::string& name, const std::vector<float>& values);
   // QLoRA: quantises the current values of every tensor of nf4_quantized_tensors(config) with `quantize`
   // (the CPU reference on the host: llm::nf4_quantize_weights, in llm_core, which this library does not
-  // link) and uploads the codes and absmax.
+  // link) and uploads the codes and absmax. A tensor that options.quantize_on_upload quantised already
+  // keeps its codes (the same quantiser is expected); one never uploaded is quantised as zeros.
   // Called again, it quantises the dequantised values again, as llm::Model::quantize_base_nf4 does.
   // Throws std::logic_error unless the model was built with quant.nf4.
   void quantize_base_nf4(const Nf4HostQuantizer& quantize);
   bool nf4_quantized() const;
+  // Bytes of parameter values the model keeps on the host: fp32 copies of frozen tensors that bf16 cannot
+  // hold (bf16 mode), NF4 values waiting for quantize_base_nf4, and the NF4 codes and absmax.
+  size_t host_parameter_bytes() const;
   // The fp32 gradient arena (trainable_elements(), grad_offset order).
   std::vector<float> download_gradients() const;
   // Overwrites the gradient arena (same order and length), e.g. for tests that hand both backends the

@@ -14,7 +14,9 @@ struct BackendOptions {
   bool recompute = false;
   uint64_t seed = 0;  // weight init and dropout
   // false: only the adapters are initialised (init_lora), because the caller writes the base weights
-  // next (SFT from a base model); the random base init would be thrown away.
+  // next (SFT from a base model); the random base init would be thrown away. QLoRA on the CUDA backend
+  // then quantises each NF4 tensor as it is written (CudaModelOptions::quantize_on_upload): before
+  // quantize_base_nf4, read_parameters returns its dequantised values there, its written ones here.
   bool init_base = true;
   double weight_decay = 0.0;
   std::vector<std::string> no_decay_names, decay_names;

@@ -17,6 +17,10 @@
 //     working copy was converted); device_offset is each adapter's grad_offset and throws for frozen
 //     tensors; a few AdamW (fused, writes the working copy) and Lion (refresh_working_copy) steps leave
 //     the frozen base bitwise the CPU's and the adapters and the loss within 2e-2 of the CPU's;
+//   - a base written tensor by tensor without the base init (run_sft's path), bf16 values: no fp32 host
+//     copy of the frozen dense tensors, and with QLoRA each NF4 tensor quantised as it is written (only
+//     its codes on the host, read back bit for bit as the CPU's after quantize_base_nf4); a frozen tensor
+//     that bf16 cannot hold gets a host copy, dropped when bf16 values replace it;
 //   - the memory plan: NF4 bytes per base parameter between 0.5 and 0.53, and `parameters` smaller than
 //     the same model's without quantisation; `parameters` is exactly 2 bytes per dense parameter plus 4
 //     per trainable one in bf16 mode (4 per dense parameter in fp32 mode);
@@ -517,6 +521,90 @@ TEST(CudaLora, Bf16FrozenTensorsReadBackBitwiseFromTheHostCopy) {
       const Batch batch = random_batch(2, 12, c.vocab_size, 21);
       const double ec = cpu.evaluate(batch.view(false));
       EXPECT_NEAR(gpu.evaluate(batch.view(false)), ec, kBf16Tolerance * std::fabs(ec));
+    }
+  }
+}
+
+// run_sft's path for a base model: init_base false, then every base tensor written alone. A bf16 base
+// (what a Hugging Face folder holds) keeps no fp32 host copy in bf16 mode: its working copy is read back.
+// With QLoRA each NF4 tensor is quantised as it is written (quantize_on_upload), so only its codes stay on
+// the host; its values read back dequantised at once, bit for bit the CPU's after quantize_base_nf4, and
+// quantize_base_nf4 keeps those codes. A frozen tensor bf16 cannot hold gets a host copy while it holds
+// such values.
+TEST(CudaLora, StreamedBaseKeepsOnlyWhatTheDeviceCannotGiveBack) {
+  SKIP_WITHOUT_GPU();
+  OptimizerConfig opt;
+  const ModelConfig c = llama_like();
+  const auto round_to_bf16 = [](float x) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits &= 0xFFFF0000u;
+    std::memcpy(&x, &bits, sizeof bits);
+    return x;
+  };
+  for (Precision precision : {Precision::kBf16, Precision::kFp32}) {
+    for (bool nf4 : {false, true}) {
+      for (bool double_quant : {true, false}) {
+        if (!nf4 && !double_quant) continue;
+        SCOPED_TRACE(std::string(nf4 ? (double_quant ? "QLoRA, double quant" : "QLoRA") : "LoRA") +
+                     (precision == Precision::kBf16 ? ", bf16" : ", fp32"));
+        BackendOptions o = backend_options(2, 12, lora_settings(0.0), nf4, double_quant);
+        o.init_base = false;
+        CpuBackend cpu(c, opt, o);
+        CudaBackend gpu(c, opt, o, precision);
+        EXPECT_EQ(gpu.model().host_parameter_bytes(), 0u);
+        std::mt19937 rng(5);
+        std::normal_distribution<float> normal(0.0f, 0.02f);
+        for (const auto& t : gpu.layout().tensors()) {
+          if (t.trainable) continue;
+          std::vector<float> values(static_cast<size_t>(t.numel));
+          for (float& v : values) v = round_to_bf16(normal(rng));
+          cpu.write_tensor(t.name, values);
+          gpu.write_tensor(t.name, values);
+        }
+        // Host bytes: the NF4 codes and (double-dequantised) absmax only.
+        size_t codes = 0;
+        if (nf4) {
+          for (const std::string& name : llm::nf4_quantized_tensors(c)) {
+            const size_t n = static_cast<size_t>(gpu.layout().at(name).numel);
+            const size_t blocks = (n + o.quant.blocksize - 1) / o.quant.blocksize;
+            codes += (n + 1) / 2 + blocks * sizeof(float);
+          }
+        }
+        EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
+        if (nf4) {
+          EXPECT_THROW(gpu.evaluate(random_batch(2, 12, c.vocab_size, 4).view(false)), std::logic_error);
+          cpu.quantize_base_nf4();
+          EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+          gpu.quantize_base_nf4();
+          EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
+        }
+        const std::vector<float> written = cpu.read_parameters();
+        EXPECT_TRUE(same_bits(written, gpu.read_parameters()));
+        const Batch batch = random_batch(2, 12, c.vocab_size, 4);
+        const double ec = cpu.evaluate(batch.view(false));
+        const double tolerance = precision == Precision::kBf16 ? kBf16Tolerance : kFp32Tolerance;
+        EXPECT_NEAR(gpu.evaluate(batch.view(false)), ec, tolerance * std::fabs(ec));
+
+        // A frozen dense tensor with values bf16 cannot hold: a host copy in bf16 mode, read back bitwise;
+        // written again as bf16 values, the copy goes.
+        const char* dense = "model.embed_tokens.weight";
+        const auto& t = gpu.layout().at(dense);
+        std::vector<float> fine(static_cast<size_t>(t.numel));
+        for (float& v : fine) v = normal(rng) + 1e-6f;
+        gpu.write_tensor(dense, fine);
+        const size_t copy = precision == Precision::kBf16 ? fine.size() * sizeof(float) : 0;
+        EXPECT_EQ(gpu.model().host_parameter_bytes(), codes + copy);
+        std::vector<float> expected = written;
+        std::copy(fine.begin(), fine.end(), expected.begin() + t.offset);
+        EXPECT_TRUE(same_bits(expected, gpu.read_parameters()));
+        std::vector<float> coarse(fine.size());
+        for (size_t i = 0; i < fine.size(); ++i) coarse[i] = round_to_bf16(fine[i]);
+        gpu.write_tensor(dense, coarse);
+        EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
+        std::copy(coarse.begin(), coarse.end(), expected.begin() + t.offset);
+        EXPECT_TRUE(same_bits(expected, gpu.read_parameters()));
+      }
     }
   }
 }
