@@ -897,4 +897,33 @@ TEST(Trainer, BadDataErrors) {
   }
 }
 
+// A run shorter than its warmup never trains at its learning rate: the trainer says so, with the peak it
+// does reach; a run that gets past its warmup prints no such note.
+TEST(Trainer, NotesAWarmupThatOutlastsTheRun) {
+  TempDir dir;
+  json object = tiny_config(dir / "out");
+  object["max_steps"] = 3;
+  object["warmup_steps"] = 100;
+  object["val_fraction"] = 0.0;
+  Pipeline s(object);
+  RunOptions options;
+  options.print = true;
+  s.trainer = std::make_unique<llm::Trainer>(s.config, *s.backend, *s.train, nullptr, s.tokenizer);
+  testing::internal::CaptureStdout();
+  s.trainer->run(options);
+  const std::string out = testing::internal::GetCapturedStdout();
+  EXPECT_NE(out.find("note: warmup_steps 100 is not below max_steps 3: the learning rate rises to 9e-05 at "
+                     "the last step and never reaches learning_rate 0.003"),
+            std::string::npos)
+      << out;
+
+  object["warmup_steps"] = 2;
+  object["output_dir"] = dir / "out2";
+  Pipeline t(object);
+  t.trainer = std::make_unique<llm::Trainer>(t.config, *t.backend, *t.train, nullptr, t.tokenizer);
+  testing::internal::CaptureStdout();
+  t.trainer->run(options);
+  EXPECT_EQ(testing::internal::GetCapturedStdout().find("note: warmup_steps"), std::string::npos);
+}
+
 }  // namespace
