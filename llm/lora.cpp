@@ -49,14 +49,21 @@ std::vector<std::string> lora_preset_modules(const std::string& preset,
   if (preset == "all") return lora_module_names();
   if (preset == "custom") {
     if (custom.empty()) {
-      throw ConfigError("lora_preset \"custom\" needs lora_target_modules, a list of module names from: " +
-                        joined(lora_module_names()));
+      throw ConfigError(
+          "lora_preset \"custom\" needs lora_target_modules, \"all-linear\" or a list of module names "
+          "from: " +
+          joined(lora_module_names()));
     }
     std::vector<std::string> out;
     for (const auto& m : custom) {
+      if (m == "all-linear") {  // PEFT's name for every linear layer but the LM head
+        for (const auto& name : lora_module_names())
+          if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+        continue;
+      }
       if (module_tensor(m) < 0) {
-        throw ConfigError("lora_target_modules: unknown module \"" + m + "\"; expected one of " +
-                          joined(lora_module_names()));
+        throw ConfigError("lora_target_modules: unknown module \"" + m +
+                          "\"; expected \"all-linear\" or one of " + joined(lora_module_names()));
       }
       if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
     }

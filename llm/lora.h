@@ -32,7 +32,7 @@ namespace llm {
 struct LoraSettings {
   bool enabled = false;
   std::string preset = "minimal";           // minimal | attention_only | ffn_only | all | custom
-  std::vector<std::string> target_modules;  // custom only: short names such as "q_proj"
+  std::vector<std::string> target_modules;  // custom only: short names such as "q_proj", or "all-linear"
   int r = 8;
   double alpha = 16.0;
   double dropout = 0.05;

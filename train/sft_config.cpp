@@ -59,8 +59,20 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
     r.problem("max_grad_norm", "give either grad_clip or max_grad_norm");
 
   r.get("use_lora", s.lora.enabled);
-  r.get_choice("lora_preset", s.lora.preset, {"minimal", "attention_only", "ffn_only", "all", "custom"});
-  r.get("lora_target_modules", s.lora.target_modules);
+  const bool preset_given =
+      r.get_choice("lora_preset", s.lora.preset, {"minimal", "attention_only", "ffn_only", "all", "custom"});
+  // PEFT's target_modules is a list or one string ("all-linear" is the common one).
+  bool modules_given = false;
+  if (object.is_object() && object.contains("lora_target_modules") &&
+      object["lora_target_modules"].is_string()) {
+    std::string module;
+    modules_given = r.get("lora_target_modules", module);
+    s.lora.target_modules = {module};
+  } else {
+    modules_given = r.get("lora_target_modules", s.lora.target_modules);
+  }
+  // Target modules alone (as a PEFT LoraConfig gives them) mean the custom preset.
+  if (modules_given && !preset_given) s.lora.preset = "custom";
   r.get("lora_r", s.lora.r);
   r.get("lora_alpha", s.lora.alpha);
   r.get("lora_dropout", s.lora.dropout);

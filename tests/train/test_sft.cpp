@@ -18,6 +18,7 @@
 #include "data/sft_dataset.h"
 #include "data/sft_loader.h"
 #include "llm/hf_model.h"
+#include "llm/lora.h"
 #include "llm/lora_adapter.h"
 #include "llm/model.h"
 #include "tests/train/sft_test_helpers.h"
@@ -101,6 +102,36 @@ TEST(SftConfig, ErrorsNameTheKey) {
   EXPECT_NE(error_of(json{{"model", m}, {"max_length", 500}}).find("max_seq_len"), std::string::npos);
   EXPECT_NE(error_of(json{{"model", m}, {"lora_rank", 8}}).find("lora_r"), std::string::npos);  // nearest key
   EXPECT_NE(error_of(json{{"model", m}, {"warmup_ratio", 1.5}}).find("warmup_ratio"), std::string::npos);
+}
+
+// PEFT's spellings of the target modules: one string or a list, "all-linear" for all seven projections,
+// and target modules alone meaning the custom preset.
+TEST(SftConfig, TargetModulesAsPeftGivesThem) {
+  const json m = tiny_model_json();
+  const auto modules_of = [&m](const json& extra) {
+    json object{{"model", m}, {"use_lora", true}};
+    object.update(extra);
+    const llm::SftConfig c = llm::sft_config_from_json(object, "cfg.json");
+    EXPECT_EQ(c.lora.preset, "custom");
+    return llm::lora_preset_modules(c.lora.preset, c.lora.target_modules);
+  };
+  EXPECT_EQ(modules_of(json{{"lora_target_modules", "all-linear"}}), llm::lora_module_names());
+  EXPECT_EQ(modules_of(json{{"lora_preset", "custom"}, {"lora_target_modules", {"v_proj", "all-linear"}}}),
+            (std::vector<std::string>{"v_proj", "q_proj", "k_proj", "o_proj", "gate_proj", "up_proj",
+                                      "down_proj"}));
+  EXPECT_EQ(modules_of(json{{"lora_target_modules", "down_proj"}}), std::vector<std::string>{"down_proj"});
+  EXPECT_EQ(modules_of(json{{"lora_target_modules", {"q_proj", "up_proj"}}}),
+            (std::vector<std::string>{"q_proj", "up_proj"}));
+  // A preset given beside them is still refused, and an unknown name is named.
+  EXPECT_NE(error_of(json{{"model", m},
+                          {"use_lora", true},
+                          {"lora_preset", "all"},
+                          {"lora_target_modules", "all-linear"}})
+                .find("is used only with \"lora_preset\": \"custom\""),
+            std::string::npos);
+  EXPECT_NE(error_of(json{{"model", m}, {"use_lora", true}, {"lora_target_modules", "lm_head"}})
+                .find("unknown module \"lm_head\"; expected \"all-linear\" or one of q_proj"),
+            std::string::npos);
 }
 
 // The first `count` built-in arithmetic chats, tokenised with ChatML and the byte tokenizer.
