@@ -72,7 +72,7 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
     throw ConfigError("base_model: \"" + base_model +
                       "\" is neither a Hugging Face model folder nor a checkpoint file");
   }
-  const Checkpoint ck = read_checkpoint(base_model, false);
+  Checkpoint ck = read_checkpoint(base_model, false);
   if (!ck.meta.contains("model")) throw CheckpointError(base_model + ": the header has no model config");
   const std::string lora_hint = lora_checkpoint_hint(base_model, ck.meta);
   if (!lora_hint.empty()) throw CheckpointError(base_model + ": " + lora_hint);
@@ -81,7 +81,8 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
   std::vector<float> params(layout.total_elements());
   std::vector<bool> seen(layout.tensors().size(), false);
   size_t found = 0;
-  for (const auto& a : ck.arrays) {
+  // Each tensor is freed once copied: the host holds the parameters about once, not twice.
+  for (auto& a : ck.arrays) {
     if (a.kind != "param") continue;
     if (!layout.contains(a.name)) {
       throw CheckpointError(
@@ -90,7 +91,11 @@ std::vector<float> load_base_model(const std::string& base_model, ModelConfig& c
     }
     const TensorInfo& t = layout.at(a.name);
     if (a.shape != t.shape) throw CheckpointError(base_model + ": tensor " + a.name + " has the wrong shape");
+    const size_t index = static_cast<size_t>(&t - layout.tensors().data());
+    if (seen[index]) throw CheckpointError(base_model + ": tensor " + a.name + " appears twice");
+    seen[index] = true;
     std::copy(a.data.begin(), a.data.end(), params.begin() + t.offset);
+    std::vector<float>().swap(a.data);
     ++found;
   }
   if (found != layout.tensors().size())

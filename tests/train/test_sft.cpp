@@ -6,6 +6,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -388,6 +389,58 @@ void run_example_config(const std::string& name, bool nf4) {
 // streamed base's, equal to the whole arena's). A rerun on changed base weights is refused, and so is one
 // from a moved folder (its path names the tokenizer); on the same base it resumes bitwise. A checkpoint
 // with every tensor and no frozen_base resumes too, unless its frozen tensors are not this run's base.
+// A base given as our checkpoint: its tensors in layout order, every one checked (known, right shape,
+// once, none missing), with the file named in each error.
+TEST(SftTraining, CheckpointBaseIsReadAndChecked) {
+  const llm::ModelConfig config = tiny_model();
+  llm::Model<float> model(config, llm::ModelOptions(1, 8, false));
+  model.init_weights(7);
+  llm::Checkpoint ck;
+  ck.meta["model"] = config.to_json();
+  for (const auto& t : model.layout().tensors()) {
+    llm::CheckpointArray a;
+    a.name = t.name;
+    a.kind = "param";
+    a.shape = t.shape;
+    a.data.assign(model.parameters().begin() + t.offset, model.parameters().begin() + t.offset + t.numel);
+    ck.arrays.push_back(a);
+  }
+  const std::string dir = temp_dir("ckpt_base");
+  const auto load = [&](const llm::Checkpoint& checkpoint) {
+    const std::string file = dir + "/base.ckpt";
+    llm::write_checkpoint(file, checkpoint);
+    llm::ModelConfig read_config;
+    std::string tokenizer;
+    return llm::load_base_model(file, read_config, tokenizer);
+  };
+  const auto error_of_load = [&](const llm::Checkpoint& checkpoint) -> std::string {
+    try {
+      load(checkpoint);
+    } catch (const llm::CheckpointError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  // Stored in reverse order, read back in layout order.
+  llm::Checkpoint reversed = ck;
+  std::reverse(reversed.arrays.begin(), reversed.arrays.end());
+  EXPECT_EQ(load(reversed), model.parameters());
+
+  llm::Checkpoint missing = ck;
+  missing.arrays.pop_back();
+  EXPECT_NE(error_of_load(missing).find("base.ckpt: some parameter tensors are missing"), std::string::npos);
+  llm::Checkpoint twice = missing;
+  twice.arrays.push_back(twice.arrays.front());
+  EXPECT_NE(error_of_load(twice).find("base.ckpt: tensor " + ck.arrays.front().name + " appears twice"),
+            std::string::npos);
+  llm::Checkpoint misshapen = ck;
+  misshapen.arrays[0].shape = {misshapen.arrays[0].shape[0] * misshapen.arrays[0].shape[1]};
+  EXPECT_NE(error_of_load(misshapen).find("has the wrong shape"), std::string::npos);
+  llm::Checkpoint foreign = ck;
+  foreign.arrays[0].name = "model.layers.9.self_attn.q_proj.weight";
+  EXPECT_NE(error_of_load(foreign).find("is not part of the base model"), std::string::npos);
+}
+
 TEST(SftTraining, LoraCheckpointsHoldOnlyTheAdaptersAndNameTheirBase) {
   llm::ModelConfig config;
   const std::string base = small_hf_folder(config);
