@@ -8,7 +8,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 namespace llm {
 
@@ -40,46 +39,72 @@ std::string folder_of(const std::string& path) {
   return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
 }
 
+// A file written under a temporary name in the target's folder and renamed over the target by commit();
+// destroyed without commit (an error on the way), the temporary file is removed and the target is left
+// as it was.
+class AtomicFile {
+ public:
+  explicit AtomicFile(const std::string& path)
+      : path_(path), temp_(path + ".tmp." + std::to_string(::getpid())) {
+    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd_ < 0) throw CheckpointError("cannot create " + temp_ + ": " + std::strerror(errno));
+  }
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  ~AtomicFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (!committed_) ::unlink(temp_.c_str());
+  }
+
+  void write(const char* data, size_t size) {
+    size_t written = 0;
+    while (written < size) {
+      const ssize_t n = ::write(fd_, data + written, size - written);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        throw CheckpointError("cannot write " + temp_ + ": " + std::strerror(errno));
+      }
+      written += static_cast<size_t>(n);
+    }
+  }
+
+  // fsync, close, rename over the target, and fsync the folder so that the rename itself is durable.
+  void commit() {
+    // Close even when fsync fails, so the descriptor is not leaked.
+    const bool synced = ::fsync(fd_) == 0;
+    const int sync_errno = errno;
+    const bool closed = ::close(fd_) == 0;
+    fd_ = -1;
+    if (!synced || !closed) {
+      throw CheckpointError("cannot flush " + temp_ + ": " + std::strerror(synced ? errno : sync_errno));
+    }
+    if (::rename(temp_.c_str(), path_.c_str()) != 0) {
+      throw CheckpointError("cannot rename " + temp_ + " to " + path_ + ": " + std::strerror(errno));
+    }
+    committed_ = true;
+    const int dir = ::open(folder_of(path_).c_str(), O_RDONLY);
+    if (dir >= 0) {
+      ::fsync(dir);
+      ::close(dir);
+    }
+  }
+
+ private:
+  std::string path_, temp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
 }  // namespace
 
 void write_file_atomic(const std::string& path, const std::string& contents) {
-  const std::string temp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw CheckpointError("cannot create " + temp + ": " + std::strerror(errno));
-  size_t written = 0;
-  while (written < contents.size()) {
-    const ssize_t n = ::write(fd, contents.data() + written, contents.size() - written);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const std::string reason = std::strerror(errno);
-      ::close(fd);
-      ::unlink(temp.c_str());
-      throw CheckpointError("cannot write " + temp + ": " + reason);
-    }
-    written += static_cast<size_t>(n);
-  }
-  // Close even when fsync fails, so the descriptor is not leaked.
-  const bool synced = ::fsync(fd) == 0;
-  const int sync_errno = errno;
-  const bool closed = ::close(fd) == 0;
-  if (!synced || !closed) {
-    const std::string reason = std::strerror(synced ? errno : sync_errno);
-    ::unlink(temp.c_str());
-    throw CheckpointError("cannot flush " + temp + ": " + reason);
-  }
-  if (::rename(temp.c_str(), path.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
-    ::unlink(temp.c_str());
-    throw CheckpointError("cannot rename " + temp + " to " + path + ": " + reason);
-  }
-  // Make the rename itself durable.
-  const int dir = ::open(folder_of(path).c_str(), O_RDONLY);
-  if (dir >= 0) {
-    ::fsync(dir);
-    ::close(dir);
-  }
+  AtomicFile file(path);
+  file.write(contents.data(), contents.size());
+  file.commit();
 }
 
+// Streamed to the file piece by piece (header, each array, checksum), so that saving holds no second copy
+// of the parameters and optimizer state in memory.
 void write_checkpoint(const std::string& path, const Checkpoint& checkpoint) {
   json header;
   header["meta"] = checkpoint.meta;
@@ -94,92 +119,127 @@ void write_checkpoint(const std::string& path, const Checkpoint& checkpoint) {
     offset += a.data.size() * sizeof(float);
   }
   const std::string header_text = header.dump();
-  std::string out;
-  out.reserve(24 + header_text.size() + offset);
-  out.append(kMagic, sizeof(kMagic));
-  append_u64(out, header_text.size());
-  out += header_text;
+  std::string start(kMagic, sizeof(kMagic));
+  append_u64(start, header_text.size());
+  AtomicFile file(path);
+  file.write(start.data(), start.size());
+  file.write(header_text.data(), header_text.size());
+  uint64_t hash = fnv1a(header_text.data(), header_text.size());
   for (const auto& a : checkpoint.arrays) {
-    out.append(reinterpret_cast<const char*>(a.data.data()), a.data.size() * sizeof(float));
+    const char* bytes = reinterpret_cast<const char*>(a.data.data());
+    const size_t size = a.data.size() * sizeof(float);
+    file.write(bytes, size);
+    hash = fnv1a(bytes, size, hash);
   }
-  append_u64(out, fnv1a(out.data() + 16, out.size() - 16));
-  write_file_atomic(path, out);
+  std::string checksum;
+  append_u64(checksum, hash);
+  file.write(checksum.data(), checksum.size());
+  file.commit();
 }
 
+// Reads the file in order (start, header, each array, checksum), keeping only the arrays asked for: the
+// file is never held in memory whole. Sizes are checked against the file's size before anything is
+// allocated, and an array's header fields only after the checksum has been verified, so a damaged file
+// reads as corrupted whichever byte was hit.
 Checkpoint read_checkpoint(const std::string& path, bool load_optimizer) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw CheckpointError("cannot open checkpoint " + path);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  const std::string bytes = buffer.str();
   auto fail = [&path](const std::string& why) { return CheckpointError("checkpoint " + path + ": " + why); };
+  in.seekg(0, std::ios::end);
+  const std::streamoff end = in.tellg();
+  if (end < 0) throw fail("cannot read its size");
+  const uint64_t file_size = static_cast<uint64_t>(end);
+  in.seekg(0, std::ios::beg);
+  auto read_exactly = [&](char* out, uint64_t size) {
+    if (!in.read(out, static_cast<std::streamsize>(size)))
+      throw fail("read error (was the file changed while it was read?)");
+  };
 
   // A file shorter than the magic is truncated when what there is of it matches.
-  if (std::memcmp(bytes.data(), kMagic, std::min(bytes.size(), sizeof(kMagic))) != 0) {
+  char start[16] = {};
+  const uint64_t start_bytes = std::min<uint64_t>(file_size, sizeof(start));
+  read_exactly(start, start_bytes);
+  if (std::memcmp(start, kMagic, std::min<uint64_t>(start_bytes, sizeof(kMagic))) != 0) {
     throw fail("corrupted, or not a checkpoint of this trainer (bad magic)");
   }
-  if (bytes.size() < 24) {
-    throw fail("truncated: " + std::to_string(bytes.size()) +
-               " bytes, less than the 24 of an empty checkpoint");
+  if (file_size < 24) {
+    throw fail("truncated: " + std::to_string(file_size) + " bytes, less than the 24 of an empty checkpoint");
   }
-  const uint64_t header_bytes = read_u64(bytes.data() + 8);
-  if (header_bytes > bytes.size() - 24) {
+  const uint64_t header_bytes = read_u64(start + 8);
+  if (header_bytes > file_size - 24) {
     throw fail("truncated or corrupted: the header claims " + std::to_string(header_bytes) +
-               " bytes but the file has " + std::to_string(bytes.size()));
+               " bytes but the file has " + std::to_string(file_size));
   }
-  json header = json::parse(bytes.begin() + 16,
-                            bytes.begin() + 16 + static_cast<std::ptrdiff_t>(header_bytes), nullptr, false);
+  std::string header_text(header_bytes, '\0');
+  read_exactly(header_text.data(), header_bytes);
+  uint64_t hash = fnv1a(header_text.data(), header_text.size());
+  json header = json::parse(header_text, nullptr, false);
   if (header.is_discarded() || !header.is_object() || !header.contains("arrays") ||
       !header["arrays"].is_array() || !header.contains("meta")) {
     throw fail("corrupted header");
   }
-  const size_t data_begin = 16 + header_bytes;
   uint64_t data_bytes = 0;
   for (const auto& a : header["arrays"]) {
     if (!a.is_object() || !a.contains("count") || !a["count"].is_number_unsigned())
       throw fail("corrupted header");
     // Bounded by the file size before multiplying or adding, so a crafted count cannot wrap around.
     const uint64_t count = a["count"].get<uint64_t>();
-    if (count > bytes.size() / sizeof(float) || data_bytes + count * sizeof(float) > bytes.size()) {
+    if (count > file_size / sizeof(float) || data_bytes + count * sizeof(float) > file_size) {
       throw fail("truncated or corrupted: the header describes more data than the file's " +
-                 std::to_string(bytes.size()) + " bytes");
+                 std::to_string(file_size) + " bytes");
     }
     data_bytes += count * sizeof(float);
   }
-  const uint64_t expected = data_begin + data_bytes + 8;
-  if (bytes.size() < expected) {
+  const uint64_t expected = 16 + header_bytes + data_bytes + 8;
+  if (file_size < expected) {
     throw fail("truncated or corrupted: the header describes " + std::to_string(expected) +
-               " bytes, the file has " + std::to_string(bytes.size()));
+               " bytes, the file has " + std::to_string(file_size));
   }
-  if (bytes.size() > expected) {
-    throw fail("corrupted: " + std::to_string(bytes.size() - expected) + " bytes after the end (expected " +
-               std::to_string(expected) + " bytes, found " + std::to_string(bytes.size()) + ")");
+  if (file_size > expected) {
+    throw fail("corrupted: " + std::to_string(file_size - expected) + " bytes after the end (expected " +
+               std::to_string(expected) + " bytes, found " + std::to_string(file_size) + ")");
   }
-  const uint64_t stored = read_u64(bytes.data() + bytes.size() - 8);
-  if (stored != fnv1a(bytes.data() + 16, bytes.size() - 24)) throw fail("corrupted: checksum mismatch");
 
   Checkpoint checkpoint;
   checkpoint.meta = header["meta"];
+  std::string field_problem;  // the first bad array entry, reported once the checksum holds
+  std::vector<char> skipped;  // a chunk of an array that is not kept, read for the checksum
   uint64_t expected_offset = 0;
   for (const auto& a : header["arrays"]) {
     CheckpointArray array;
-    try {
-      array.name = a.at("name").get<std::string>();
-      array.kind = a.at("kind").get<std::string>();
-      array.shape = a.at("shape").get<std::vector<int64_t>>();
-      if (a.at("offset").get<uint64_t>() != expected_offset)
-        throw fail("corrupted header: array " + array.name + " is misplaced");
-    } catch (const json::exception&) {
-      throw fail("corrupted header");
+    if (field_problem.empty()) {
+      try {
+        array.name = a.at("name").get<std::string>();
+        array.kind = a.at("kind").get<std::string>();
+        array.shape = a.at("shape").get<std::vector<int64_t>>();
+        if (a.at("offset").get<uint64_t>() != expected_offset)
+          field_problem = "corrupted header: array " + array.name + " is misplaced";
+      } catch (const json::exception&) {
+        field_problem = "corrupted header";
+      }
     }
     const uint64_t count = a["count"].get<uint64_t>();
-    if (array.kind == "param" || load_optimizer) {
+    const uint64_t bytes = count * sizeof(float);
+    if (field_problem.empty() && (array.kind == "param" || load_optimizer)) {
       array.data.resize(count);
-      std::memcpy(array.data.data(), bytes.data() + data_begin + expected_offset, count * sizeof(float));
+      read_exactly(reinterpret_cast<char*>(array.data.data()), bytes);
+      hash = fnv1a(reinterpret_cast<const char*>(array.data.data()), bytes, hash);
       checkpoint.arrays.push_back(std::move(array));
+    } else {
+      skipped.resize(static_cast<size_t>(std::min<uint64_t>(bytes, uint64_t{1} << 22)));
+      for (uint64_t done = 0; done < bytes;) {
+        const uint64_t n = std::min<uint64_t>(skipped.size(), bytes - done);
+        read_exactly(skipped.data(), n);
+        hash = fnv1a(skipped.data(), n, hash);
+        done += n;
+      }
     }
-    expected_offset += count * sizeof(float);
+    expected_offset += bytes;
   }
+  char stored[8];
+  read_exactly(stored, sizeof(stored));
+  if (read_u64(stored) != hash) throw fail("corrupted: checksum mismatch");
+  if (!field_problem.empty()) throw fail(field_problem);
   return checkpoint;
 }
 
