@@ -149,8 +149,8 @@ void sophia_hessian_step(float* h, const float* sampled_grad, size_t n, double b
   sophia_hessian_update<float>(h, sampled_grad, n, beta2, as_stream(stream));
 }
 
-size_t adafactor_scratch_doubles(int64_t matrices) {
-  return adafactor_scratch_size(matrices);
+size_t adafactor_scratch_doubles(int64_t matrices, int64_t rows, int64_t cols) {
+  return adafactor_scratch_size(matrices, rows, cols);
 }
 
 void adafactor_step(float* param, float* row, float* col, float* full, float* first, const float* grad,

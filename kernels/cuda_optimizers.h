@@ -67,8 +67,9 @@ struct AdafactorHyper {
   double eps1 = 1e-30, eps2 = 1e-3, clip_threshold = 1.0, decay_rate = -0.8, beta1 = 0.0;
   bool scale_parameter = true, relative_step = false, warmup_init = false;
 };
-// Doubles of scratch adafactor_step needs for a tensor of `matrices` matrices (1 for a vector).
-size_t adafactor_scratch_doubles(int64_t matrices);
+// Doubles of scratch adafactor_step needs for a tensor of `matrices` matrices of rows x cols, or for a
+// vector (1, 0, 0).
+size_t adafactor_scratch_doubles(int64_t matrices, int64_t rows, int64_t cols);
 // A tensor with two or more dimensions is `matrices` matrices of rows x cols (its last two dimensions):
 // row [matrices * rows] and col [matrices * cols], full = null. A vector: full [n], row = col = null.
 // first [n] when hyper.beta1 > 0, else null. Here `lr` is the scheduled learning rate and `lr_scale`

@@ -21,7 +21,11 @@
 //   1. RMS(P):          sumsq partials (a grid whose size depends on n only, fixed-order block trees,
 //                       fp64) and a one-thread finalize that adds them in block order -> alpha
 //   2. matrix: row statistics, one block per row (fixed tree over the columns, fp64), updating R;
-//      column statistics, one thread per column summing the rows in order (fp64), updating C;
+//      column statistics in two passes: the rows cut into chunks of col_chunk_rows(rows) (sqrt(rows)
+//      rounded up to a power of two, at least 64), one thread per (column, chunk) summing its rows in
+//      order into an fp64 partial, then one thread per column adding the partials in chunk order and
+//      updating C (a 152K-row embedding: 297 chunks of 512 rows, instead of one thread per column
+//      looping over all 152K rows with only cols threads in flight);
 //      mean(R) per matrix, one block each (fixed tree)
 //      vector: V updated elementwise
 //   3. RMS(U):          U recomputed on the fly (never stored), sumsq partials + finalize -> clip divisor
@@ -47,8 +51,20 @@ namespace adafactor_detail {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 256;
-// Scratch layout (doubles): partial sums, then alpha, the clip divisor, and mean(R) per matrix.
+// Scratch layout (doubles): partial sums, then alpha, the clip divisor, mean(R) per matrix, and (a
+// matrix) the column partials [matrices][chunks][cols].
 constexpr int kAlpha = kMaxBlocks, kClip = kMaxBlocks + 1, kRowMean = kMaxBlocks + 2;
+
+// Rows per chunk of the column statistics: sqrt(rows) rounded up to a power of two (at least 64), so that
+// both passes are short, and few enough chunks for a grid dimension (65535).
+inline int64_t col_chunk_rows(int64_t rows) {
+  int64_t chunk = 64;
+  while (chunk * chunk < rows) chunk *= 2;
+  return std::max(chunk, (rows + 65534) / 65535);
+}
+inline int64_t col_chunks(int64_t rows) {
+  return rows > 0 ? (rows + col_chunk_rows(rows) - 1) / col_chunk_rows(rows) : 0;
+}
 
 inline int reduce_blocks(size_t n) {
   const long long wanted = (static_cast<long long>(n) + kThreads * 16LL - 1) / (kThreads * 16LL);
@@ -130,19 +146,33 @@ __global__ void adafactor_row_kernel(float* row, const TG* grad, const float* gr
   }
 }
 
-// One thread per (column, matrix), summing the rows in order: C = beta2t C + (1 - beta2t) colmean.
+// One thread per (column, chunk, matrix): partial[matrix][chunk][c] = the sum over the chunk's rows, in
+// order, of g^2 + eps1.
 template <typename TG>
-__global__ void adafactor_col_kernel(float* col, const TG* grad, const float* grad_scale, int64_t rows,
-                                     int64_t cols, double beta2t, double eps1) {
+__global__ void adafactor_col_partial_kernel(double* partial, const TG* grad, const float* grad_scale,
+                                             int64_t rows, int64_t cols, int64_t chunk_rows, double eps1) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t matrix = blockIdx.y;
+  const int64_t chunk = blockIdx.y, matrix = blockIdx.z;
   if (c >= cols) return;
+  const int64_t r0 = chunk * chunk_rows, r1 = min(rows, r0 + chunk_rows);
   double acc = 0.0;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r0; r < r1; ++r) {
     const double g =
         adafactor_detail::load_grad(grad, grad_scale, static_cast<size_t>((matrix * rows + r) * cols + c));
     acc += g * g + eps1;
   }
+  partial[(matrix * gridDim.y + chunk) * cols + c] = acc;
+}
+
+// One thread per (column, matrix): the partials added in chunk order, then
+// C = beta2t C + (1 - beta2t) colmean.
+__global__ void adafactor_col_finish_kernel(float* col, const double* partial, int64_t rows, int64_t cols,
+                                            int64_t chunks, double beta2t) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t matrix = blockIdx.y;
+  if (c >= cols) return;
+  double acc = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) acc += partial[(matrix * chunks + k) * cols + c];
   float& v = col[matrix * cols + c];
   v = static_cast<float>(beta2t * v + (1.0 - beta2t) * acc / static_cast<double>(rows));
 }
@@ -190,9 +220,11 @@ __global__ void adafactor_apply_kernel(TP* param, float* master, float* first, c
   if (param != nullptr) param[i] = from_float<TP>(static_cast<float>(w));
 }
 
-// Doubles of scratch adafactor_update needs for a tensor of `matrices` matrices (1 for a vector).
-inline size_t adafactor_scratch_size(int64_t matrices) {
-  return static_cast<size_t>(adafactor_detail::kRowMean + std::max<int64_t>(matrices, 1));
+// Doubles of scratch adafactor_update needs for a tensor of `matrices` matrices of rows x cols, or for a
+// vector (matrices 1, rows and cols 0).
+inline size_t adafactor_scratch_size(int64_t matrices, int64_t rows, int64_t cols) {
+  const int64_t m = std::max<int64_t>(matrices, 1);
+  return static_cast<size_t>(adafactor_detail::kRowMean + m + m * adafactor_detail::col_chunks(rows) * cols);
 }
 
 // One Adafactor step on one tensor of n = matrices * rows * cols elements (factored: row [matrices *
@@ -215,7 +247,8 @@ void adafactor_update(TP* param, float* master, float* row, float* col, float* f
   if (factored && static_cast<size_t>(matrices * rows * cols) != n) {
     throw std::invalid_argument("adafactor_update: matrices x rows x cols != n");
   }
-  if (scratch == nullptr || scratch_doubles < adafactor_scratch_size(factored ? matrices : 1)) {
+  if (scratch == nullptr || scratch_doubles < (factored ? adafactor_scratch_size(matrices, rows, cols)
+                                                        : adafactor_scratch_size(1, 0, 0))) {
     throw std::invalid_argument("adafactor_update: scratch too small (adafactor_scratch_size)");
   }
   if ((beta1 > 0.0) != (first != nullptr)) {
@@ -233,9 +266,16 @@ void adafactor_update(TP* param, float* master, float* row, float* col, float* f
     adafactor_row_kernel<<<dim3(static_cast<unsigned>(rows), static_cast<unsigned>(matrices)), kThreads, 0,
                            stream>>>(row, grad, grad_scale, rows, cols, beta2t, eps1);
     CUDA_CHECK_LAUNCH();
-    adafactor_col_kernel<<<dim3(static_cast<unsigned>(ceil_div(cols, kThreads)),
-                                static_cast<unsigned>(matrices)),
-                           kThreads, 0, stream>>>(col, grad, grad_scale, rows, cols, beta2t, eps1);
+    const int64_t chunk_rows = col_chunk_rows(rows), chunks = col_chunks(rows);
+    double* col_partial = scratch + kRowMean + matrices;
+    adafactor_col_partial_kernel<<<dim3(static_cast<unsigned>(ceil_div(cols, kThreads)),
+                                        static_cast<unsigned>(chunks), static_cast<unsigned>(matrices)),
+                                   kThreads, 0, stream>>>(col_partial, grad, grad_scale, rows, cols,
+                                                          chunk_rows, eps1);
+    CUDA_CHECK_LAUNCH();
+    adafactor_col_finish_kernel<<<dim3(static_cast<unsigned>(ceil_div(cols, kThreads)),
+                                       static_cast<unsigned>(matrices)),
+                                  kThreads, 0, stream>>>(col, col_partial, rows, cols, chunks, beta2t);
     CUDA_CHECK_LAUNCH();
     adafactor_row_mean_kernel<<<static_cast<unsigned>(matrices), kThreads, 0, stream>>>(scratch, row, rows);
     CUDA_CHECK_LAUNCH();

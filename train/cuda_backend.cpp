@@ -356,7 +356,8 @@ class AdafactorOnGpu final : public CudaOptimizer {
         l.full = s_.add("adafactor.v." + i, tensors_[t].n, info.name);
       }
       if (hyper_.beta1 > 0.0) l.first = s_.add("adafactor.m." + i, tensors_[t].n, info.name);
-      scratch = std::max(scratch, cuda::adafactor_scratch_doubles(l.factored ? l.matrices : 1));
+      scratch = std::max(scratch, l.factored ? cuda::adafactor_scratch_doubles(l.matrices, l.rows, l.cols)
+                                             : cuda::adafactor_scratch_doubles(1, 0, 0));
       layouts_.push_back(l);
     }
     s_.allocate("Adafactor state");

@@ -2,7 +2,8 @@
 // same tensors and gradients for 5 steps, in fp32: parameters and state must agree to a relative error
 // (||gpu - cpu|| / ||cpu|| per tensor) below 1e-5. The tensors mix roles and shapes: wide and tall
 // matrices with odd sizes (Muon transposes the tall one), an embedding, a norm, a bias, a length not a
-// multiple of the 8-bit block size, and a 3-D tensor for Adafactor's batched factoring.
+// multiple of the 8-bit block size, and 3-D tensors and tall ones (several row chunks of the column
+// statistics) for Adafactor's factoring.
 //
 // Muon: the parameters meet 1e-5 (the orthogonalised step is lr-scaled), but NS5 in fp32 on the GPU
 // (cuBLASLt sums in fp32) and on the CPU (sums in fp64) are two correct programs whose outputs differ by
@@ -66,7 +67,12 @@ struct Problem {
     add("embed", {37, 16}, TensorRole::kEmbedding);
     add("norm", {40}, TensorRole::kNorm);
     add("bias", {300}, TensorRole::kBias);
-    if (with_3d) add("experts", {3, 8, 12}, TensorRole::kMatrix);
+    if (with_3d) {
+      add("experts", {3, 8, 12}, TensorRole::kMatrix);
+      // Adafactor's column statistics in several row chunks of 64 (the last one partial).
+      add("tall", {300, 7}, TensorRole::kEmbedding);
+      add("tall_experts", {2, 130, 5}, TensorRole::kMatrix);
+    }
     std::normal_distribution<float> normal(0.0f, 0.5f);
     for (size_t t = 0; t < infos.size(); ++t) {
       for (float& x : params[t]) x = normal(rng);
@@ -248,7 +254,8 @@ void run_adafactor(const llm::AdafactorOptions& o, const std::string& what) {
       g[t].full = std::make_unique<DeviceArray<float>>(std::vector<float>(n, 0.0f));
     }
     if (o.beta1 > 0.0) g[t].first = std::make_unique<DeviceArray<float>>(std::vector<float>(n, 0.0f));
-    g[t].scratch = std::make_unique<DeviceArray<double>>(llm::cuda::adafactor_scratch_doubles(g[t].matrices));
+    g[t].scratch = std::make_unique<DeviceArray<double>>(
+        llm::cuda::adafactor_scratch_doubles(g[t].matrices, g[t].rows, g[t].cols));
   }
   auto ptr = [](const std::unique_ptr<DeviceArray<float>>& a) { return a ? a->data() : nullptr; };
   const double lr = 1e-2;
