@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "kernels/activations.cuh"
 #include "kernels/adamw.cuh"
@@ -463,9 +465,10 @@ class ModelImpl final : public CudaModel::Impl {
   }
   // QLoRA: the current values of an NF4 tensor (dequantised codes, the waiting values, or zeros).
   void nf4_current_values(const Nf4Slot& s, float* out) const;
-  // QLoRA: n = s.n values quantised for slot s; throws std::invalid_argument (nothing changed) when the
-  // quantiser returns pieces of the wrong sizes.
-  Nf4HostWeights nf4_quantize_slot(const Nf4Slot& s, const float* w, const Nf4HostQuantizer& quantize) const;
+  // QLoRA: n = s.n values quantised for slot s; throws std::invalid_argument, naming `caller`, when the
+  // quantiser returns pieces of the wrong sizes. Changes nothing.
+  Nf4HostWeights nf4_quantize_slot(const Nf4Slot& s, const float* w, const Nf4HostQuantizer& quantize,
+                                   const char* caller) const;
   // QLoRA: copies q's codes and absmax into s's device pieces and keeps the host copies.
   void nf4_install(Nf4Slot& s, Nf4HostWeights& q);
   float* master_ = nullptr;
@@ -910,6 +913,25 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
       }
     }
   }
+  // With options.quantize_on_upload: every NF4 tensor of the range quantised before anything changes (a
+  // quantiser error leaves the model as it was). Values equal to a tensor's current, dequantised ones
+  // keep its codes: with double quantisation, quantising them again would not give the same codes, and a
+  // read followed by a write back would change the weights.
+  std::vector<std::pair<size_t, Nf4HostWeights>> fresh_codes;  // (index into nf4_, codes)
+  if (!nf4_ready_ && options.quantize_on_upload) {
+    std::vector<float> current;
+    for (size_t k = 0; k < nf4_.size(); ++k) {
+      const Nf4Slot& s = nf4_[k];
+      const TensorInfo& t = layout.tensors()[s.tensor];
+      if (!within(t)) continue;
+      if (s.has_codes) {
+        current.resize(s.n);
+        nf4_current_values(s, current.data());
+        if (same_values(current.data(), at(t.offset), s.n)) continue;
+      }
+      fresh_codes.emplace_back(k, nf4_quantize_slot(s, at(t.offset), options.quantize_on_upload, "upload"));
+    }
+  }
   // bf16 mode, frozen dense tensors: the working copy converted on the device (convert_kernel, as
   // refresh_working_copy converts the trainable ones) from a staging buffer of at most kStageElements
   // floats, freed on return; an exact fp32 host copy only when bf16 cannot hold the values.
@@ -926,21 +948,14 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
           device_alloc(stage_elements * sizeof(float), "parameter upload staging", "use a smaller model"));
     }
   }
+  for (auto& [k, q] : fresh_codes) nf4_install(nf4_[k], q);
   for (size_t i = 0; i < layout.tensors().size(); ++i) {
     const TensorInfo& t = layout.tensors()[i];
     if (!within(t)) continue;
     const size_t n = static_cast<size_t>(t.numel);
     const float* src = at(t.offset);
-    if (nf4_of_tensor_[i] >= 0) {
-      if (nf4_ready_) continue;
-      Nf4Slot& s = nf4_[nf4_of_tensor_[i]];
-      if (options.quantize_on_upload) {
-        Nf4HostWeights q = nf4_quantize_slot(s, src, options.quantize_on_upload);
-        nf4_install(s, q);
-        std::vector<float>().swap(s.raw);
-      } else {
-        s.raw.assign(src, src + n);
-      }
+    if (nf4_of_tensor_[i] >= 0) {  // quantised above, or waiting on the host
+      if (!nf4_ready_ && !options.quantize_on_upload) nf4_[nf4_of_tensor_[i]].raw.assign(src, src + n);
       continue;
     }
     if (!frozen_without_master(i)) {  // a device master (every dense tensor in fp32 mode)
@@ -1043,11 +1058,11 @@ void ModelImpl<T>::nf4_current_values(const Nf4Slot& s, float* out) const {
 
 template <typename T>
 Nf4HostWeights ModelImpl<T>::nf4_quantize_slot(const Nf4Slot& s, const float* w,
-                                               const Nf4HostQuantizer& quantize) const {
+                                               const Nf4HostQuantizer& quantize, const char* caller) const {
   Nf4HostWeights q = quantize(w, s.n, options.quant);
   if (q.packed.size() != nf4_packed_bytes(s.n) || q.absmax.size() != s.blocks ||
       (options.quant.double_quant && (q.qabsmax.size() != s.blocks || q.state2.size() != s.blocks2))) {
-    throw std::invalid_argument("quantize_base_nf4: the quantiser returned misshapen NF4 data for " +
+    throw std::invalid_argument(std::string(caller) + ": the quantiser returned misshapen NF4 data for " +
                                 layout.tensors()[s.tensor].name);
   }
   return q;
@@ -1086,7 +1101,7 @@ void ModelImpl<T>::quantize_base_nf4(const Nf4HostQuantizer& quantize) {
     if (s.has_codes && !nf4_ready_) continue;
     w.resize(s.n);
     nf4_current_values(s, w.data());
-    q[i] = nf4_quantize_slot(s, w.data(), quantize);
+    q[i] = nf4_quantize_slot(s, w.data(), quantize, "quantize_base_nf4");
   }
   for (size_t i = 0; i < nf4_.size(); ++i) {
     Nf4Slot& s = nf4_[i];

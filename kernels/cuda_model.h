@@ -6,9 +6,10 @@
 // Storage. Every dense parameter has a working copy in the storage type on the device (bf16 in
 // training). A trainable parameter also has an fp32 master copy on the device (what the optimizers
 // update and download_parameters returns). A frozen one (trainable == false: the base under LoRA) has
-// no fp32 copy on the device in bf16 mode: its exact uploaded fp32 values are kept in host memory (what
-// download_parameters returns, so checkpoints stay bit for bit the CPU backend's), and its bf16 working
-// copy is written by upload_parameters only. Device bytes per dense parameter in bf16 mode: 6 trainable
+// no fp32 copy on the device in bf16 mode: download_parameters returns its exact uploaded values (so
+// checkpoints stay bit for bit the CPU backend's), read back from its bf16 working copy when bf16 holds
+// them exactly, else from an fp32 copy kept in host memory (see "Host memory" below); the working copy is
+// written by upload_parameters only. Device bytes per dense parameter in bf16 mode: 6 trainable
 // (4 master + 2 working), 2 frozen; memory_plan().parameters counts exactly these. In the fp32 test mode
 // the working copy IS the master copy, for frozen tensors too (4 bytes each, nothing on the host). The
 // trainable tensors come first in both device arenas (layout order, so that a trainable tensor's device
@@ -49,10 +50,12 @@
 // dequantised values are bit for bit those of llm::Model::quantize_base_nf4.
 //
 // Host memory. A frozen dense tensor in bf16 mode keeps an fp32 host copy only when bf16 cannot hold its
-// values exactly (a Hugging Face bf16 base never needs one: its working copy is read back instead). With
-// options.quantize_on_upload, an NF4 tensor is quantised as it is uploaded and only its codes stay on the
-// host (about 0.56 bytes per weight, for download_parameters), so a base streamed tensor by tensor never
-// has its fp32 values on the host all at once.
+// values exactly (one value with more mantissa bits, a NaN or a subnormal: an fp32 or fp16 base, not a
+// bf16 one, whose working copy is read back instead). With options.quantize_on_upload, an NF4 tensor is
+// quantised as it is uploaded and only its codes stay on the host (about 0.56 bytes per weight, for
+// download_parameters), so a base streamed tensor by tensor never has its fp32 values on the host all at
+// once. Uploading an NF4 tensor's current (dequantised) values again keeps its codes, so a read and a
+// write back change nothing.
 #pragma once
 
 #include <cstddef>
@@ -113,8 +116,9 @@ class CudaModel {
   // Bytes per kind on the device (optimizer state included once adamw_init has run).
   MemoryPlan memory_plan() const;
 
-  // Host float vectors in ParameterLayout order (total_elements()). Upload sets the master (device, or
-  // host for a frozen tensor in bf16 mode) and the working copy; download returns the masters.
+  // Host float vectors in ParameterLayout order (total_elements()). Upload sets the master (on the device;
+  // a frozen tensor in bf16 mode has none: see Storage) and the working copy; download returns the
+  // uploaded values.
   // QLoRA: before quantize_base_nf4 the values of the quantised tensors wait on the host (forward refuses
   // to run), or with options.quantize_on_upload their codes do; afterwards download returns their
   // dequantised values (bit for bit the CPU model's), and upload

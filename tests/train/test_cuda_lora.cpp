@@ -19,8 +19,10 @@
 //     the frozen base bitwise the CPU's and the adapters and the loss within 2e-2 of the CPU's;
 //   - a base written tensor by tensor without the base init (run_sft's path), bf16 values: no fp32 host
 //     copy of the frozen dense tensors, and with QLoRA each NF4 tensor quantised as it is written (only
-//     its codes on the host, read back bit for bit as the CPU's after quantize_base_nf4); a frozen tensor
-//     that bf16 cannot hold gets a host copy, dropped when bf16 values replace it;
+//     its codes on the host, read back bit for bit as the CPU's after quantize_base_nf4, also after a
+//     second upload, a read written back unchanged, a second quantize_base_nf4, and for a base written
+//     in one piece); a frozen tensor that bf16 cannot hold gets a host copy, dropped when bf16 values
+//     (signed zeros and infinities included) replace it;
 //   - the memory plan: NF4 bytes per base parameter between 0.5 and 0.53, and `parameters` smaller than
 //     the same model's without quantisation; `parameters` is exactly 2 bytes per dense parameter plus 4
 //     per trainable one in bf16 mode (4 per dense parameter in fp32 mode);
@@ -36,6 +38,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -525,6 +528,18 @@ TEST(CudaLora, Bf16FrozenTensorsReadBackBitwiseFromTheHostCopy) {
   }
 }
 
+// Host bytes of the NF4 tensors' codes and fp32 (double-dequantised) absmax.
+size_t nf4_host_bytes(const ModelConfig& c, int blocksize) {
+  const llm::ParameterLayout layout(c);
+  size_t bytes = 0;
+  for (const std::string& name : llm::nf4_quantized_tensors(c)) {
+    const size_t n = static_cast<size_t>(layout.at(name).numel);
+    const size_t blocks = (n + blocksize - 1) / blocksize;
+    bytes += (n + 1) / 2 + blocks * sizeof(float);
+  }
+  return bytes;
+}
+
 // run_sft's path for a base model: init_base false, then every base tensor written alone. A bf16 base
 // (what a Hugging Face folder holds) keeps no fp32 host copy in bf16 mode: its working copy is read back.
 // With QLoRA each NF4 tensor is quantised as it is written (quantize_on_upload), so only its codes stay on
@@ -563,21 +578,30 @@ TEST(CudaLora, StreamedBaseKeepsOnlyWhatTheDeviceCannotGiveBack) {
           gpu.write_tensor(t.name, values);
         }
         // Host bytes: the NF4 codes and (double-dequantised) absmax only.
-        size_t codes = 0;
-        if (nf4) {
-          for (const std::string& name : llm::nf4_quantized_tensors(c)) {
-            const size_t n = static_cast<size_t>(gpu.layout().at(name).numel);
-            const size_t blocks = (n + o.quant.blocksize - 1) / o.quant.blocksize;
-            codes += (n + 1) / 2 + blocks * sizeof(float);
-          }
-        }
+        const size_t codes = nf4 ? nf4_host_bytes(c, o.quant.blocksize) : 0;
         EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
         if (nf4) {
+          // A second upload of an NF4 tensor quantises the new values; the current values written back
+          // keep the codes (a read and a write back change nothing, also with double quantisation).
+          const std::string& again_name = llm::nf4_quantized_tensors(c).front();
+          std::vector<float> again(static_cast<size_t>(gpu.layout().at(again_name).numel));
+          for (float& v : again) v = round_to_bf16(normal(rng));
+          cpu.write_tensor(again_name, again);
+          gpu.write_tensor(again_name, again);
+          const std::vector<float> before = gpu.read_parameters();
+          gpu.write_parameters(before);
+          EXPECT_TRUE(same_bits(before, gpu.read_parameters()));
+          EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
           EXPECT_THROW(gpu.evaluate(random_batch(2, 12, c.vocab_size, 4).view(false)), std::logic_error);
           cpu.quantize_base_nf4();
           EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
           gpu.quantize_base_nf4();
           EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
+          EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
+          // Quantising again quantises the dequantised values again, on both backends.
+          cpu.quantize_base_nf4();
+          gpu.quantize_base_nf4();
+          EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
         }
         const std::vector<float> written = cpu.read_parameters();
         EXPECT_TRUE(same_bits(written, gpu.read_parameters()));
@@ -600,6 +624,10 @@ TEST(CudaLora, StreamedBaseKeepsOnlyWhatTheDeviceCannotGiveBack) {
         EXPECT_TRUE(same_bits(expected, gpu.read_parameters()));
         std::vector<float> coarse(fine.size());
         for (size_t i = 0; i < fine.size(); ++i) coarse[i] = round_to_bf16(fine[i]);
+        // Signed zero and infinities survive the working copy too.
+        coarse[0] = -0.0f;
+        coarse[1] = std::numeric_limits<float>::infinity();
+        coarse[2] = -std::numeric_limits<float>::infinity();
         gpu.write_tensor(dense, coarse);
         EXPECT_EQ(gpu.model().host_parameter_bytes(), codes);
         std::copy(coarse.begin(), coarse.end(), expected.begin() + t.offset);
@@ -607,6 +635,22 @@ TEST(CudaLora, StreamedBaseKeepsOnlyWhatTheDeviceCannotGiveBack) {
       }
     }
   }
+  // A checkpoint base: the whole base in one write (write_base_parameters), its NF4 tensors quantised as
+  // it arrives.
+  BackendOptions o = backend_options(2, 12, lora_settings(0.0), /*nf4=*/true, /*double_quant=*/true);
+  o.init_base = false;
+  CpuBackend cpu(c, opt, o);
+  CudaBackend gpu(c, opt, o, Precision::kBf16);
+  std::vector<float> base(gpu.layout().total_elements() - gpu.layout().trainable_elements());
+  std::mt19937 rng(6);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  for (float& v : base) v = round_to_bf16(normal(rng));
+  cpu.write_base_parameters(base);
+  gpu.write_base_parameters(base);
+  EXPECT_EQ(gpu.model().host_parameter_bytes(), nf4_host_bytes(c, o.quant.blocksize));
+  cpu.quantize_base_nf4();
+  gpu.quantize_base_nf4();
+  EXPECT_TRUE(same_bits(cpu.read_parameters(), gpu.read_parameters()));
 }
 
 // A few optimizer steps in bf16 mode: AdamW (the model's fused step, which writes the working copy) and
