@@ -372,12 +372,12 @@ RunResult Trainer::run(const RunOptions& options) {
   const int64_t max_steps = options.max_steps_override > 0 ? options.max_steps_override : config_.max_steps;
   ScheduleConfig schedule = config_.schedule();
   schedule.total_steps = max_steps;
-  if (options.print && step < max_steps && schedule.warmup_steps >= max_steps && schedule.lr > 0.0) {
+  if (options.print && step < max_steps && schedule.warmup_steps > max_steps && schedule.lr > 0.0) {
     // A short run with the default warmup (e.g. 100 steps of warmup in a 20-step run) never trains at its
     // learning rate, which is rarely what was meant.
     std::printf(
-        "note: warmup_steps %lld is not below max_steps %lld: the learning rate rises to %.3g at the last "
-        "step and never reaches learning_rate %.3g (set warmup_steps or warmup_ratio lower)\n",
+        "note: warmup_steps %lld is longer than the run (max_steps %lld): the learning rate rises only to "
+        "%.3g of %.3g (set warmup_steps or warmup_ratio lower)\n",
         (long long)schedule.warmup_steps, (long long)max_steps, learning_rate_at(schedule, max_steps),
         schedule.lr);
   }
