@@ -895,42 +895,29 @@ void ModelImpl<T>::upload_range(const float* layout_values, size_t begin, size_t
     }
   }
   const auto at = [layout_values, begin](size_t offset) { return layout_values + (offset - begin); };
-  // NF4 tensors: before quantisation their values wait on the host (or are quantised now, with
-  // options.quantize_on_upload); afterwards the codes stay, and only the current dequantised values are
-  // accepted (checked before anything changes).
-  if (nf4_ready_) {
-    std::vector<float> current;
-    for (const Nf4Slot& s : nf4_) {
-      const TensorInfo& t = layout.tensors()[s.tensor];
-      if (!within(t)) continue;
+  // NF4 tensors, every one of the range checked (and with options.quantize_on_upload quantised) before
+  // anything changes. Values equal to a tensor's current, dequantised ones keep its codes: quantising
+  // dequantised values again is not guaranteed to give the same codes (with double quantisation it does
+  // not), and a read written back must change nothing. Other values wait on the host before
+  // quantize_base_nf4 (or are quantised now, with options.quantize_on_upload) and are refused after it.
+  std::vector<std::pair<size_t, Nf4HostWeights>> fresh_codes;  // (index into nf4_, codes)
+  std::vector<float> current;
+  for (size_t k = 0; k < nf4_.size(); ++k) {
+    const Nf4Slot& s = nf4_[k];
+    const TensorInfo& t = layout.tensors()[s.tensor];
+    if (!within(t) || (!s.has_codes && !options.quantize_on_upload)) continue;  // waiting values
+    if (s.has_codes) {
       current.resize(s.n);
       nf4_current_values(s, current.data());
-      if (!same_values(current.data(), at(t.offset), s.n)) {
-        throw std::invalid_argument(
-            "upload_parameters: " + t.name +
-            " is stored in NF4 and the values differ from its dequantised ones; base weights must be "
-            "uploaded before quantize_base_nf4()");
-      }
+      if (same_values(current.data(), at(t.offset), s.n)) continue;
     }
-  }
-  // With options.quantize_on_upload: every NF4 tensor of the range quantised before anything changes (a
-  // quantiser error leaves the model as it was). Values equal to a tensor's current, dequantised ones
-  // keep its codes: with double quantisation, quantising them again would not give the same codes, and a
-  // read followed by a write back would change the weights.
-  std::vector<std::pair<size_t, Nf4HostWeights>> fresh_codes;  // (index into nf4_, codes)
-  if (!nf4_ready_ && options.quantize_on_upload) {
-    std::vector<float> current;
-    for (size_t k = 0; k < nf4_.size(); ++k) {
-      const Nf4Slot& s = nf4_[k];
-      const TensorInfo& t = layout.tensors()[s.tensor];
-      if (!within(t)) continue;
-      if (s.has_codes) {
-        current.resize(s.n);
-        nf4_current_values(s, current.data());
-        if (same_values(current.data(), at(t.offset), s.n)) continue;
-      }
-      fresh_codes.emplace_back(k, nf4_quantize_slot(s, at(t.offset), options.quantize_on_upload, "upload"));
+    if (nf4_ready_) {
+      throw std::invalid_argument(
+          "upload_parameters: " + t.name +
+          " is stored in NF4 and the values differ from its dequantised ones; base weights must be "
+          "uploaded before quantize_base_nf4()");
     }
+    fresh_codes.emplace_back(k, nf4_quantize_slot(s, at(t.offset), options.quantize_on_upload, "upload"));
   }
   // bf16 mode, frozen dense tensors: the working copy converted on the device (convert_kernel, as
   // refresh_working_copy converts the trainable ones) from a staging buffer of at most kStageElements
