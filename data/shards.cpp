@@ -2,13 +2,13 @@
 // portable, and every header field is checked against the file before any token is trusted.
 #include "data/shards.h"
 
-#include <unistd.h>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
+
+#include "data/atomic_file.h"
 
 namespace llm::data {
 namespace {
@@ -46,23 +46,9 @@ void write_token_shard(const std::string& path, const std::vector<int32_t>& toke
     put_le(bytes, static_cast<uint32_t>(tokens[i]), dtype);
   }
 
-  // The pid keeps concurrent writers (several ranks, several tools) off each other's temporary file.
-  const std::string temp_path = path + ".tmp." + std::to_string(::getpid());
-  {
-    std::ofstream out(temp_path, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error(temp_path + ": cannot open for writing: " + std::strerror(errno));
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) {
-      std::remove(temp_path.c_str());
-      throw std::runtime_error(temp_path + ": write failed: " + std::strerror(errno));
-    }
-  }
-  if (std::rename(temp_path.c_str(), path.c_str()) != 0) {
-    const std::string reason = std::strerror(errno);
-    std::remove(temp_path.c_str());
-    throw std::runtime_error(path + ": cannot rename " + temp_path + " into place: " + reason);
-  }
+  AtomicFile<std::runtime_error> file(path);
+  file.write(bytes.data(), bytes.size());
+  file.commit();
 }
 
 TokenShard read_token_shard(const std::string& path) {

@@ -1,7 +1,5 @@
 #include "llm/gguf.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
@@ -13,6 +11,8 @@
 #include <set>
 #include <sstream>
 #include <unordered_map>
+
+#include "data/atomic_file.h"
 
 namespace llm {
 
@@ -268,48 +268,13 @@ void encode(const float* x, int64_t n, GgufType type, uint8_t* out, const std::s
   }
 }
 
-// A FILE* that is closed (and its temporary removed) unless committed.
-class TempFile {
- public:
-  explicit TempFile(const std::string& path) : path_(path), tmp_(path + ".tmp." + std::to_string(getpid())) {
-    f_ = std::fopen(tmp_.c_str(), "wb");
-    if (!f_) throw GgufError(path_ + ": cannot create " + tmp_ + ": " + std::strerror(errno));
-  }
-  ~TempFile() {
-    if (f_) std::fclose(f_);
-    if (!committed_) std::remove(tmp_.c_str());
-  }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-
-  void write(const void* data, size_t n) {
-    if (n && std::fwrite(data, 1, n, f_) != n)
-      throw GgufError(path_ + ": write failed: " + std::strerror(errno));
-    written_ += n;
-  }
-  void pad_to(uint64_t alignment) {
-    static const char zeros[64] = {};
-    const uint64_t target = align_up(written_, alignment);
-    while (written_ < target) write(zeros, static_cast<size_t>(std::min<uint64_t>(target - written_, 64)));
-  }
-  uint64_t written() const { return written_; }
-  void commit() {
-    if (std::fflush(f_) != 0 || fsync(fileno(f_)) != 0)
-      throw GgufError(path_ + ": flush failed: " + std::strerror(errno));
-    const int rc = std::fclose(f_);
-    f_ = nullptr;
-    if (rc != 0) throw GgufError(path_ + ": close failed: " + std::strerror(errno));
-    if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
-      throw GgufError(path_ + ": cannot rename " + tmp_ + " into place: " + std::strerror(errno));
-    committed_ = true;
-  }
-
- private:
-  std::string path_, tmp_;
-  FILE* f_ = nullptr;
-  uint64_t written_ = 0;
-  bool committed_ = false;
-};
+// Zero bytes up to the next multiple of `alignment` (GGUF aligns the data section and every tensor).
+void pad_to(AtomicFile<GgufError>& file, uint64_t alignment) {
+  static const char zeros[64] = {};
+  const uint64_t target = align_up(file.written(), alignment);
+  while (file.written() < target)
+    file.write(zeros, static_cast<size_t>(std::min<uint64_t>(target - file.written(), sizeof(zeros))));
+}
 
 }  // namespace
 
@@ -753,9 +718,9 @@ void write_gguf(const std::string& path, const ModelConfig& config,
     put_u64(header, p.plan.offset);
   }
 
-  TempFile file(path);
+  AtomicFile<GgufError> file(path);
   file.write(header.data(), header.size());
-  file.pad_to(kAlignment);
+  pad_to(file, kAlignment);
   const uint64_t data_start = file.written();
 
   // Rows go through a staging buffer (permuted when asked) in batches of about 1M elements.
@@ -782,7 +747,7 @@ void write_gguf(const std::string& path, const ModelConfig& config,
       encode(src, nr * p.cols, p.plan.type, encoded.data(), what);
       file.write(encoded.data(), encoded.size());
     }
-    file.pad_to(kAlignment);
+    pad_to(file, kAlignment);
   }
   file.commit();
 }

@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
 #include <set>
 #include <type_traits>
 
+#include "data/atomic_file.h"
 #include "llm/strings.h"
 
 namespace llm {
@@ -20,24 +20,6 @@ namespace {
   if (problems.size() > kShown) all += "\n  ... and " + std::to_string(problems.size() - kShown) + " more";
   throw HfModelError(all);
 }
-
-void write_text(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw HfModelError("cannot create " + tmp);
-    out << text;
-    out.flush();
-    if (!out) throw HfModelError("cannot write " + tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) throw HfModelError("cannot rename " + tmp + " to " + path + ": " + ec.message());
-}
-
-}  // namespace
-
-namespace {
 
 // Every problem of the folder against the layout (missing, misshapen and unexpected tensors; a separate
 // lm_head under tied embeddings), thrown at once; `notes` gets what is accepted but ignored.
@@ -209,7 +191,7 @@ std::vector<std::string> save_hf_folder(const std::string& dir, const ModelConfi
   std::vector<std::string> written =
       write_safetensors_folder(dir, tensors, options.dtype, options.max_shard_bytes);
 
-  write_text(dir + "/config.json", config_json.dump(2) + "\n");
+  write_file_atomic<HfModelError>(dir + "/config.json", config_json.dump(2) + "\n");
   written.push_back("config.json");
 
   std::string source = options.source_dir;
@@ -231,7 +213,8 @@ std::vector<std::string> save_hf_folder(const std::string& dir, const ModelConfi
     have_generation = fs::is_regular_file(dir + "/generation_config.json", ec);
   }
   if (!have_generation) {
-    write_text(dir + "/generation_config.json", hf_generation_config_to_json(options.tokens).dump(2) + "\n");
+    write_file_atomic<HfModelError>(dir + "/generation_config.json",
+                                    hf_generation_config_to_json(options.tokens).dump(2) + "\n");
     written.push_back("generation_config.json");
   }
   return written;

@@ -8,10 +8,10 @@
 #include <set>
 #include <type_traits>
 
+#include "data/atomic_file.h"
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/nf4.h"
 #include "llm/strings.h"
-#include "train/checkpoint.h"
 
 namespace llm {
 
@@ -291,11 +291,7 @@ void save_adapter(const std::string& dir, const ModelConfig& config, const LoraS
   write_safetensors(dir + "/" + kPeftWeightsFile, tensors, dtype);
   const std::string config_text =
       peft_adapter_config(config, settings, base_model_name_or_path).dump(2) + "\n";
-  try {
-    write_file_atomic(dir + "/" + kPeftConfigFile, config_text);
-  } catch (const std::exception& e) {
-    throw AdapterError(e.what());
-  }
+  write_file_atomic<AdapterError>(dir + "/" + kPeftConfigFile, config_text);
 }
 
 }  // namespace

@@ -17,6 +17,8 @@
 #include <set>
 #include <sstream>
 
+#include "data/atomic_file.h"
+
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors I/O assumes a little-endian host");
 
 namespace llm {
@@ -590,42 +592,6 @@ int64_t numel_of(const SafetensorsWriteTensor& t) {
   return n;
 }
 
-// Writes `contents` via a temporary file renamed over `path`.
-class AtomicFile {
- public:
-  explicit AtomicFile(const std::string& path) : path_(path), tmp_(path + ".tmp") {
-    file_ = std::fopen(tmp_.c_str(), "wb");
-    if (file_ == nullptr) throw SafetensorsError(system_error("cannot create", tmp_));
-  }
-  ~AtomicFile() {
-    if (file_ != nullptr) {
-      std::fclose(file_);
-      std::remove(tmp_.c_str());
-    }
-  }
-  void write(const void* data, size_t bytes) {
-    if (bytes > 0 && std::fwrite(data, 1, bytes, file_) != bytes)
-      throw SafetensorsError(system_error("cannot write", tmp_));
-  }
-  void commit() {
-    const bool ok = std::fflush(file_) == 0 && ::fsync(fileno(file_)) == 0;
-    const bool closed = std::fclose(file_) == 0;
-    file_ = nullptr;
-    if (!ok || !closed) {
-      std::remove(tmp_.c_str());
-      throw SafetensorsError(system_error("cannot write", tmp_));
-    }
-    if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      std::remove(tmp_.c_str());
-      throw SafetensorsError(system_error("cannot rename " + tmp_ + " to", path_));
-    }
-  }
-
- private:
-  std::string path_, tmp_;
-  std::FILE* file_ = nullptr;
-};
-
 }  // namespace
 
 void write_safetensors(const std::string& path, const std::vector<SafetensorsWriteTensor>& tensors,
@@ -655,7 +621,7 @@ void write_safetensors(const std::string& path, const std::vector<SafetensorsWri
   text.append((8 - text.size() % 8) % 8, ' ');  // the data section starts 8-byte aligned
   const uint64_t header_len = text.size();
 
-  AtomicFile out(path);
+  AtomicFile<SafetensorsError> out(path);
   out.write(&header_len, 8);
   out.write(text.data(), text.size());
   std::vector<uint16_t> buffer;
@@ -716,7 +682,7 @@ std::vector<std::string> write_safetensors_folder(const std::string& dir,
   }
   json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   const std::string text = index.dump(2) + "\n";
-  AtomicFile out(index_path);
+  AtomicFile<SafetensorsError> out(index_path);
   out.write(text.data(), text.size());
   out.commit();
   fs::remove(dir + "/" + kSingleName, ec);  // would otherwise be read instead of the shards

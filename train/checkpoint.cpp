@@ -1,13 +1,11 @@
 #include "train/checkpoint.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+
+#include "data/atomic_file.h"
 
 namespace llm {
 
@@ -34,74 +32,7 @@ uint64_t read_u64(const char* p) {
   return value;
 }
 
-std::string folder_of(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  return slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-}
-
-// A file written under a temporary name in the target's folder and renamed over the target by commit();
-// destroyed without commit (an error on the way), the temporary file is removed and the target is left
-// as it was.
-class AtomicFile {
- public:
-  explicit AtomicFile(const std::string& path)
-      : path_(path), temp_(path + ".tmp." + std::to_string(::getpid())) {
-    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd_ < 0) throw CheckpointError("cannot create " + temp_ + ": " + std::strerror(errno));
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-  ~AtomicFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(temp_.c_str());
-  }
-
-  void write(const char* data, size_t size) {
-    size_t written = 0;
-    while (written < size) {
-      const ssize_t n = ::write(fd_, data + written, size - written);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        throw CheckpointError("cannot write " + temp_ + ": " + std::strerror(errno));
-      }
-      written += static_cast<size_t>(n);
-    }
-  }
-
-  // fsync, close, rename over the target, and fsync the folder so that the rename itself is durable.
-  void commit() {
-    // Close even when fsync fails, so the descriptor is not leaked.
-    const bool synced = ::fsync(fd_) == 0;
-    const int sync_errno = errno;
-    const bool closed = ::close(fd_) == 0;
-    fd_ = -1;
-    if (!synced || !closed) {
-      throw CheckpointError("cannot flush " + temp_ + ": " + std::strerror(synced ? errno : sync_errno));
-    }
-    if (::rename(temp_.c_str(), path_.c_str()) != 0) {
-      throw CheckpointError("cannot rename " + temp_ + " to " + path_ + ": " + std::strerror(errno));
-    }
-    committed_ = true;
-    const int dir = ::open(folder_of(path_).c_str(), O_RDONLY);
-    if (dir >= 0) {
-      ::fsync(dir);
-      ::close(dir);
-    }
-  }
-
- private:
-  std::string path_, temp_;
-  int fd_ = -1;
-  bool committed_ = false;
-};
-
 }  // namespace
-
-void write_file_atomic(const std::string& path, const std::string& contents) {
-  AtomicFile file(path);
-  file.write(contents.data(), contents.size());
-  file.commit();
-}
 
 // Streamed to the file piece by piece (header, each array, checksum), so that saving holds no second copy
 // of the parameters and optimizer state in memory.
@@ -121,7 +52,7 @@ void write_checkpoint(const std::string& path, const Checkpoint& checkpoint) {
   const std::string header_text = header.dump();
   std::string start(kMagic, sizeof(kMagic));
   append_u64(start, header_text.size());
-  AtomicFile file(path);
+  AtomicFile<CheckpointError> file(path);
   file.write(start.data(), start.size());
   file.write(header_text.data(), header_text.size());
   uint64_t hash = fnv1a(header_text.data(), header_text.size());

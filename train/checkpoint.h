@@ -50,7 +50,4 @@ Checkpoint read_checkpoint(const std::string& path, bool load_optimizer = true);
 // it as a whole model: the ./merge_lora command for the PEFT adapters saved beside it. "" otherwise.
 std::string lora_checkpoint_hint(const std::string& path, const json& meta);
 
-// Writes `contents` to `path` atomically (temporary file, fsync, rename).
-void write_file_atomic(const std::string& path, const std::string& contents);
-
 }  // namespace llm

@@ -11,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "data/atomic_file.h"
 #include "data/tokenizer_factory.h"
 #include "llm/sampling.h"
 #include "train/cpu_backend.h"
@@ -353,7 +354,7 @@ void Trainer::drop_metrics_after(int64_t step) {
     }
   }
   in.close();
-  if (dropped) write_file_atomic(path, kept);
+  if (dropped) write_file_atomic<std::runtime_error>(path, kept);
 }
 
 RunResult Trainer::run(const RunOptions& options) {

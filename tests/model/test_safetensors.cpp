@@ -93,7 +93,7 @@ TEST(Safetensors, WriteReadRoundTrip) {
   std::memcpy(&n, bytes.data(), 8);
   EXPECT_EQ(n % 8, 0u);
   EXPECT_EQ(bytes[8], '{');
-  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  EXPECT_FALSE(fs::exists(path + ".tmp." + std::to_string(::getpid())));
 }
 
 TEST(Safetensors, HalfAndBf16ConversionsRoundTripEveryValue) {
