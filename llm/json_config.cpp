@@ -225,14 +225,65 @@ void KeyReader::allow(const std::string& key) {
   known_.push_back(key);
 }
 
+namespace {
+
+// Names that users bring from transformers' TrainingArguments, TRL's SFTConfig and PEFT's LoraConfig,
+// with this project's key for the same thing (LLM-Lab's vocabulary). A hint is given only where the
+// config being read has that key.
+struct ForeignKey {
+  const char* name;
+  const char* ours;
+  const char* detail;
+};
+constexpr ForeignKey kForeignKeys[] = {
+    {"per_device_train_batch_size", "batch_size", ""},
+    {"per_device_eval_batch_size", "batch_size", " (evaluation uses the training batch size)"},
+    {"lr_scheduler_type", "scheduler",
+     " (none, cosine, linear, polynomial; transformers' \"constant_with_warmup\" is \"none\" with "
+     "warmup_steps)"},
+    {"logging_steps", "log_every", ""},
+    {"save_steps", "save_every", ""},
+    {"eval_strategy", "eval_every",
+     " (evaluation every N steps; eval_steps is the number of validation batches)"},
+    {"evaluation_strategy", "eval_every",
+     " (evaluation every N steps; eval_steps is the number of validation batches)"},
+    {"learning_rate", "lr", ""},
+    {"max_grad_norm", "grad_clip", ""},
+    {"gradient_checkpointing", "recompute", ""},
+    {"optim", "optimizer", " (adamw, adamw_8bit, lion, muon, sophia, adafactor)"},
+    {"max_seq_length", "max_length", ""},
+    {"target_modules", "lora_target_modules", ""},
+    {"r", "lora_r", ""},
+    {"use_dora", "", "DoRA is not implemented; LoRA and rsLoRA are (use_rslora)"},
+    {"bf16", "", "on a GPU the CUDA backend always trains in bf16 with fp32 master weights; remove the key"},
+    {"fp16", "", "fp16 training is not supported; on a GPU the CUDA backend trains in bf16; remove the key"},
+    {"bnb_4bit_compute_dtype", "",
+     "NF4 weights are always dequantised to bf16 for the GEMMs on a GPU (fp32 on the CPU); remove the key"},
+};
+
+}  // namespace
+
 void KeyReader::finish() {
   if (object_.is_object()) {
+    const bool reads_training_keys = std::find(known_.begin(), known_.end(), "max_steps") != known_.end();
     for (auto it = object_.begin(); it != object_.end(); ++it) {
       if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
       std::string message = origin_ + ": unknown key \"" + it.key() + "\"";
-      const std::string near = nearest_key(it.key(), known_);
-      if (!near.empty()) message += " (did you mean \"" + near + "\"?)";
-      problems_.push_back(message);
+      std::string hint;
+      for (const ForeignKey& f : kForeignKeys) {
+        if (it.key() != f.name) continue;
+        const std::string ours = f.ours;
+        if (!ours.empty() && std::find(known_.begin(), known_.end(), ours) != known_.end()) {
+          hint = ": this trainer calls it \"" + ours + "\"" + f.detail;
+        } else if (ours.empty() && reads_training_keys) {
+          hint = std::string(": ") + f.detail;
+        }
+      }
+      if (hint.empty()) {
+        const std::string near = nearest_key(it.key(), known_);
+        if (!near.empty()) hint = " (did you mean \"" + near + "\"?)";
+      }
+      problems_.push_back(message + hint);
     }
   }
   if (problems_.empty()) return;

@@ -135,6 +135,37 @@ TEST(SftConfig, TargetModulesAsPeftGivesThem) {
             std::string::npos);
 }
 
+// A recipe pasted from transformers/TRL/PEFT names keys their way: each such key is an error that gives
+// this trainer's name for it, not a guess at a near spelling.
+TEST(SftConfig, KeysOfTrlAndPeftGetThisTrainersName) {
+  const json m = tiny_model_json();
+  const auto error_for = [&m](const char* key, const json& value) {
+    return error_of(json{{"model", m}, {"use_lora", true}, {key, value}});
+  };
+  const auto expect_hint = [&](const char* key, const json& value, const std::string& hint) {
+    const std::string e = error_for(key, value);
+    EXPECT_NE(e.find("cfg.json: unknown key \"" + std::string(key) + "\": " + hint), std::string::npos) << e;
+    EXPECT_EQ(e.find("did you mean"), std::string::npos) << e;
+  };
+  expect_hint("per_device_train_batch_size", 4, "this trainer calls it \"batch_size\"");
+  expect_hint("lr_scheduler_type", "cosine", "this trainer calls it \"scheduler\" (none, cosine");
+  expect_hint("logging_steps", 10, "this trainer calls it \"log_every\"");
+  expect_hint("save_steps", 50, "this trainer calls it \"save_every\"");
+  expect_hint("eval_strategy", "steps", "this trainer calls it \"eval_every\" (evaluation every N steps");
+  expect_hint("gradient_checkpointing", true, "this trainer calls it \"recompute\"");
+  expect_hint("optim", "adamw_8bit", "this trainer calls it \"optimizer\"");
+  expect_hint("max_seq_length", 1024, "this trainer calls it \"max_length\"");
+  expect_hint("target_modules", "all-linear", "this trainer calls it \"lora_target_modules\"");
+  expect_hint("r", 32, "this trainer calls it \"lora_r\"");
+  expect_hint("bf16", true, "on a GPU the CUDA backend always trains in bf16");
+  expect_hint("bnb_4bit_compute_dtype", "bfloat16", "NF4 weights are always dequantised to bf16");
+  // The names LLM-Lab's SFT shares with TRL are accepted as they are.
+  EXPECT_EQ(error_for("learning_rate", 1e-4), "");
+  EXPECT_EQ(error_for("max_grad_norm", 0.5), "");
+  // A plain typo still gets the nearest key.
+  EXPECT_NE(error_for("lora_alpah", 16).find("did you mean \"lora_alpha\""), std::string::npos);
+}
+
 // The first `count` built-in arithmetic chats, tokenised with ChatML and the byte tokenizer.
 std::shared_ptr<llm::data::SftDataset> small_dataset(int count, bool completion_only = true) {
   static const llm::data::ByteTokenizer tokenizer;

@@ -137,6 +137,14 @@ TEST(TrainConfig, UnknownKeySuggestsNearest) {
   expect_error(with_model({{"optimiser", "adamw"}}), "did you mean \"optimizer\"");
   expect_error(with_model({{"gradient_accumulation_step", 2}}),
                "did you mean \"gradient_accumulation_steps\"");
+  // transformers' names get this trainer's name; pretraining has no "learning_rate" spelling.
+  expect_error(with_model({{"learning_rate", 1e-3}}),
+               "cfg.json: unknown key \"learning_rate\": this trainer calls it \"lr\"");
+  expect_error(with_model({{"max_grad_norm", 1.0}}), "this trainer calls it \"grad_clip\"");
+  // A hint whose key this config lacks is not given: LoRA's names are SFT keys.
+  expect_error(with_model({{"target_modules", "all-linear"}}), "cfg.json: unknown key \"target_modules\"");
+  EXPECT_EQ(error_of(with_model({{"target_modules", "all-linear"}})).find("lora_target_modules"),
+            std::string::npos);
   // Inside the model the model's keys are the candidates.
   json object = with_model(json::object());
   object["model"]["n_layer"] = 2;
