@@ -32,6 +32,7 @@ void read_training_keys(KeyReader& r, TrainConfig& c) {
   r.get("log_every", c.log_every);
   r.get("save_every", c.save_every);
   r.get("save_best_only", c.save_best_only);
+  r.get("save_total_limit", c.save_total_limit);
   r.get("early_stopping_patience", c.early_stopping_patience);
   r.get("early_stopping_threshold", c.early_stopping_threshold);
   r.get("output_dir", c.output_dir);
@@ -65,6 +66,10 @@ void check_training_keys(KeyReader& r, const TrainConfig& c) {
   at_least("eval_steps", c.eval_steps, 1);
   at_least("log_every", c.log_every, 1);
   at_least("save_every", c.save_every, 0);
+  at_least("save_total_limit", c.save_total_limit, 0);
+  if (c.save_total_limit > 0 && c.save_best_only)
+    r.problem("save_total_limit",
+              "limits the numbered checkpoints, which only \"save_best_only\": false writes");
   at_least("prefetch", c.prefetch, 1);
   at_least("sample_every", c.sample_every, 0);
   at_least("sample_tokens", c.sample_tokens, 0);
@@ -187,6 +192,7 @@ json TrainConfig::to_json() const {
   j["log_every"] = log_every;
   j["save_every"] = save_every;
   j["save_best_only"] = save_best_only;
+  j["save_total_limit"] = save_total_limit;
   j["early_stopping_patience"] = early_stopping_patience;
   j["early_stopping_threshold"] = early_stopping_threshold;
   j["output_dir"] = output_dir;

@@ -45,6 +45,7 @@ struct TrainConfig {
   int log_every = 10;
   int save_every = 500;
   bool save_best_only = true;
+  int save_total_limit = 0;  // > 0: keep only the newest N numbered checkpoints (with save_best_only false)
   int early_stopping_patience = 0;        // > 0: stop after this many evaluations without a new best
   double early_stopping_threshold = 0.0;  // a new best must beat the old one by more than this
   std::string output_dir = "checkpoints";

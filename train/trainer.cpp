@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <stdexcept>
@@ -331,6 +332,28 @@ bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {
   return true;
 }
 
+// Keeps the newest save_total_limit step_*.ckpt files of output_dir (earlier runs' included, as
+// transformers' Trainer does); latest.ckpt and best.ckpt are never removed.
+void Trainer::remove_old_numbered_checkpoints() {
+  namespace fs = std::filesystem;
+  std::vector<std::string> numbered;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(config_.output_dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() == 18 && name.compare(0, 5, "step_") == 0 && name.compare(13, 5, ".ckpt") == 0 &&
+        std::all_of(name.begin() + 5, name.begin() + 13, [](char ch) { return ch >= '0' && ch <= '9'; }))
+      numbered.push_back(name);
+  }
+  std::sort(numbered.begin(), numbered.end());  // zero-padded steps: name order is step order
+  for (size_t i = 0; i + static_cast<size_t>(config_.save_total_limit) < numbered.size(); ++i) {
+    fs::remove(config_.output_dir + "/" + numbered[i], ec);
+    if (ec) {
+      std::fprintf(stderr, "warning: cannot remove old checkpoint %s/%s: %s\n", config_.output_dir.c_str(),
+                   numbered[i].c_str(), ec.message().c_str());
+    }
+  }
+}
+
 void Trainer::log_metrics(const json& entry) {
   std::ofstream out(config_.output_dir + "/metrics.jsonl", std::ios::app);
   out << entry.dump() << "\n";
@@ -498,7 +521,7 @@ RunResult Trainer::run(const RunOptions& options) {
       if (!config_.save_best_only) {
         char name[64];
         std::snprintf(name, sizeof(name), "step_%08lld.ckpt", (long long)step);
-        save(name, step, result);
+        if (save(name, step, result) && config_.save_total_limit > 0) remove_old_numbered_checkpoints();
       }
     }
     if (options.print && config_.sample_every > 0 && step % config_.sample_every == 0 && !last) {

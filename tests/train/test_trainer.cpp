@@ -927,3 +927,46 @@ TEST(Trainer, NotesAWarmupThatOutlastsTheRun) {
 }
 
 }  // namespace
+
+namespace {
+
+// save_total_limit keeps the newest numbered checkpoints (an earlier run's included); latest.ckpt and
+// best.ckpt stay, and a limit without numbered checkpoints is refused.
+TEST(Trainer, SaveTotalLimitKeepsTheNewestNumberedCheckpoints) {
+  TempDir dir;
+  const std::string out = dir / "out";
+  json object = tiny_config(out);
+  object["max_steps"] = 6;
+  object["save_every"] = 1;
+  object["eval_every"] = 2;
+  object["save_best_only"] = false;
+  object["save_total_limit"] = 2;
+  // An earlier run's numbered checkpoint and a file of another name share the folder.
+  std::filesystem::create_directories(out);
+  std::ofstream(out + "/step_00000000.ckpt") << "earlier run";
+  std::ofstream(out + "/step_notes.ckpt") << "not a numbered checkpoint";
+  Pipeline s(object);
+  const RunResult r = s.run();
+  ASSERT_FALSE(r.stopped_on_nonfinite);
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(out)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() > 5 && name.compare(name.size() - 5, 5, ".ckpt") == 0) names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"best.ckpt", "latest.ckpt", "step_00000005.ckpt",
+                                             "step_00000006.ckpt", "step_notes.ckpt"}));
+  EXPECT_EQ(llm::read_checkpoint(out + "/step_00000005.ckpt").meta["step"], 5);
+
+  // Without numbered checkpoints, a limit has nothing to limit.
+  json best_only = tiny_config(dir / "out2");
+  best_only["save_total_limit"] = 2;
+  try {
+    read_config(best_only);
+    ADD_FAILURE() << "save_total_limit was accepted with save_best_only true";
+  } catch (const llm::ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("save_total_limit"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
