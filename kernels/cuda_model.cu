@@ -1428,6 +1428,10 @@ void ModelImpl<T>::forward_layers() {
     NvtxRange range("embedding");
     T* x0 = residuals_;
     embedding_forward(x0, d_inputs_, param("model.embed_tokens.weight"), N, C, V, stream_);
+    if (training && options.neftune_alpha > 0.0) {
+      embedding_noise_forward(x0, static_cast<size_t>(N) * C, neftune_scale(options.neftune_alpha, T_, C),
+                              dropout_seed, neftune_stream(dropout_counter), stream_);
+    }
     if (config.positional_encoding == "learned") {
       add_position_embedding_forward(x0, param("model.embed_positions.weight"), d_positions_, N, C,
                                      config.max_seq_len, stream_);

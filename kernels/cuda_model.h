@@ -95,6 +95,7 @@ struct CudaModelOptions {
   // before quantize_base_nf4. Unset, the values wait on the host until quantize_base_nf4 and download
   // returns them as written (as llm::Model does). For a base written once, tensor by tensor.
   Nf4HostQuantizer quantize_on_upload;
+  double neftune_alpha = 0.0;  // NEFTune noise on the embeddings in training, as llm::ModelOptions
 };
 
 // AdamW hyperparameters, and per trainable tensor (layout order) its weight decay and lr multiplier.

@@ -24,6 +24,10 @@
 //
 // Scratch for the backward pass (caller-owned, sized by embedding_backward_scratch_bytes): the key and
 // value arrays before and after sorting, plus CUB's temporary storage.
+//
+// NEFTune noise (training only; derivation in kernels/cpu/embedding.h): x[i] += scale * (2 u_i - 1) with
+// u_i = philox_uniform(seed, stream_id, i), the reference's draws. The noise does not depend on E, so the
+// backward pass is unchanged. One thread per element: the kernel runs once per micro-batch, on N * C values.
 #pragma once
 
 #include <cub/device/device_radix_sort.cuh>
@@ -36,6 +40,7 @@
 #include "kernels/cuda_common.cuh"
 #include "kernels/kernel_utils.cuh"
 #include "kernels/nvtx.cuh"
+#include "kernels/philox.h"
 
 namespace llm::cuda {
 
@@ -60,6 +65,16 @@ __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const T*
     }
     store_floats<VEC>(out_row + c, v);
   }
+}
+
+// x[i] += scale * (2 u_i - 1). The product and the sum are rounded separately (no FMA contraction), as in
+// the reference, so that fp32 results equal it bit for bit.
+template <typename T>
+__global__ void embedding_noise_kernel(T* x, size_t n, float scale, uint64_t seed, uint64_t stream_id) {
+  const size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float noise = __fmul_rn(scale, 2.0f * llm::philox_uniform(seed, stream_id, i) - 1.0f);
+  x[i] = from_float<T>(__fadd_rn(to_float(x[i]), noise));
 }
 
 // Step 1 of the backward pass: the sort keys (token id, or V for an invalid id) and values (n).
@@ -227,6 +242,18 @@ void embedding_backward(T* dtable, const T* dout, const int32_t* tokens, int N, 
     embedding_backward_runs_kernel<1>
         <<<grid, kThreads, 0, stream>>>(dtable, dout, s.sorted_keys, s.sorted_rows, N, C, V);
   }
+  CUDA_CHECK_LAUNCH();
+}
+
+// NEFTune: x[i] += scale * (2 u_i - 1) for i in [0, n), in place (x is the embedding output, [N, C]).
+template <typename T>
+void embedding_noise_forward(T* x, size_t n, float scale, uint64_t seed, uint64_t stream_id,
+                             cudaStream_t stream) {
+  NvtxRange range("embedding_noise_forward");
+  if (n == 0) return;
+  constexpr int kThreads = 256;
+  embedding_noise_kernel<<<ceil_div(static_cast<long long>(n), kThreads), kThreads, 0, stream>>>(
+      x, n, scale, seed, stream_id);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -382,6 +382,11 @@ double Model<T>::forward(const int32_t* inputs, const int32_t* targets, int B, i
 
   T* x0 = residual(0);
   ref::embedding_forward(x0, inputs_, param("model.embed_tokens.weight"), N, C);
+  if (training_ && options_.neftune_alpha > 0.0) {
+    ref::embedding_noise_forward(x0, static_cast<size_t>(N) * C,
+                                 layer::neftune_scale(options_.neftune_alpha, T_len, C), dropout_seed_,
+                                 layer::neftune_stream(dropout_counter_));
+  }
   if (config_.positional_encoding == "learned") {
     ref::add_position_embedding_forward(x0, param("model.embed_positions.weight"), positions_, N, C);
   } else if (config_.positional_encoding == "sinusoidal") {

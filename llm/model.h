@@ -46,6 +46,9 @@ struct ModelOptions {
   LoraSettings lora;
   // QLoRA: quantize_base_nf4() stores the decoder-layer linear weights in NF4 (needs lora.enabled).
   QuantSettings quant;
+  // NEFTune: > 0 adds uniform noise of scale alpha / sqrt(T * d_model) to the embeddings in training
+  // (kernels/cpu/embedding.h).
+  double neftune_alpha = 0.0;
 };
 
 template <typename T>

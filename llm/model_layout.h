@@ -3,6 +3,9 @@
 // maps onto the RoPE and activation options of the ops.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #include "kernels/cpu/activations.h"
 #include "kernels/cpu/positions.h"
 #include "llm/config.h"
@@ -29,6 +32,16 @@ inline uint64_t lora_dropout_stream(uint64_t counter, int n_layers, int layer, i
   return (uint64_t{1} << 63) |
          ((counter * static_cast<uint64_t>(n_layers) + static_cast<uint64_t>(layer)) * kTensorCount +
           static_cast<uint64_t>(tensor));
+}
+
+// NEFTune noise on the embeddings of micro-step `counter`: streams with bit 62 set, apart from the
+// dropout sites (small numbers) and LoRA's (bit 63).
+inline uint64_t neftune_stream(uint64_t counter) {
+  return (uint64_t{1} << 62) | counter;
+}
+// Its scale for rows of `seq_len` tokens of width C: alpha / sqrt(seq_len * C), as transformers computes it.
+inline float neftune_scale(double alpha, int seq_len, int C) {
+  return static_cast<float>(alpha / std::sqrt(static_cast<double>(seq_len) * static_cast<double>(C)));
 }
 
 inline ref::RopeParams rope_params(const ModelConfig& c) {

@@ -8,12 +8,19 @@
 
 namespace llm {
 
+namespace {
+
+ModelOptions model_options(const BackendOptions& options) {
+  ModelOptions o(options.max_batch, options.max_seq, options.recompute, options.lora, options.quant);
+  o.neftune_alpha = options.neftune_alpha;
+  return o;
+}
+
+}  // namespace
+
 CpuBackend::CpuBackend(const ModelConfig& config, const OptimizerConfig& optimizer,
                        const BackendOptions& options)
-    : model_(config, ModelOptions{options.max_batch, options.max_seq, options.recompute, options.lora,
-                                  options.quant}),
-      optimizer_(make_optimizer(optimizer)),
-      seed_(options.seed) {
+    : model_(config, model_options(options)), optimizer_(make_optimizer(optimizer)), seed_(options.seed) {
   if (options.init_base) {
     model_.init_weights(options.seed);
   } else {

@@ -20,8 +20,9 @@ struct BackendOptions {
   bool init_base = true;
   double weight_decay = 0.0;
   std::vector<std::string> no_decay_names, decay_names;
-  LoraSettings lora;    // adapters (the base is frozen); see llm/lora.h
-  QuantSettings quant;  // QLoRA: quantize_base_nf4() after the base weights are written
+  LoraSettings lora;           // adapters (the base is frozen); see llm/lora.h
+  QuantSettings quant;         // QLoRA: quantize_base_nf4() after the base weights are written
+  double neftune_alpha = 0.0;  // NEFTune noise on the embeddings in training (0: none)
 };
 
 class CpuBackend : public TrainBackend {

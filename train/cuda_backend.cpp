@@ -594,6 +594,7 @@ cuda::CudaModelOptions model_options(const BackendOptions& options, cuda::Precis
   o.precision = precision;
   o.lora = options.lora;
   o.quant = options.quant;
+  o.neftune_alpha = options.neftune_alpha;
   // A base that follows (run_sft streams it tensor by tensor) is quantised as it arrives: the host never
   // holds its fp32 NF4 weights all at once.
   if (options.quant.nf4 && !options.init_base) o.quantize_on_upload = nf4_quantize_weights;

@@ -208,6 +208,7 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
   bo.decay_names = tc.decay_names;
   bo.lora = config.lora;
   bo.quant = config.quant;
+  bo.neftune_alpha = config.neftune_noise_alpha;
   bo.init_base = config.base_model.empty();  // a base model's weights are written below
   const std::unique_ptr<TrainBackend> backend = make_backend(device, tc.model, tc.optimizer, bo);
   // LoRA: checkpoints leave the frozen base out and name it by a fingerprint of its values (before NF4
@@ -275,6 +276,11 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
         tc.batch_size, config.data.max_length, config.packing ? " (packed)" : "", (long long)steps_per_epoch,
         slots > 0 ? 100.0 * real / slots : 0.0, (long long)tc.max_steps, tc.gradient_accumulation_steps,
         (long long)tc.warmup_steps);
+    if (config.neftune_noise_alpha > 0.0) {
+      std::printf(
+          "neftune: noise alpha %g on the embeddings in training (scale alpha / sqrt(row length x %d))\n",
+          config.neftune_noise_alpha, tc.model.d_model);
+    }
   }
 
   // Sample prompts become user turns of the chat template, and a reply stops at the end of its turn.

@@ -47,6 +47,7 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
   r.get("packing", s.packing);
   r.get("num_train_epochs", s.num_train_epochs);
   r.get("warmup_ratio", s.warmup_ratio);
+  r.get("neftune_noise_alpha", s.neftune_noise_alpha);
   s.max_steps_given = object.is_object() && object.contains("max_steps") && !object["max_steps"].is_null();
 
   read_training_keys(r, c);
@@ -103,6 +104,8 @@ SftConfig sft_config_from_json(const json& object, const std::string& origin, co
     }
     if (s.num_train_epochs < 0.0) r.problem("num_train_epochs", "must not be negative");
     if (!(s.warmup_ratio >= 0.0 && s.warmup_ratio < 1.0)) r.problem("warmup_ratio", "must be in [0, 1)");
+    if (!(s.neftune_noise_alpha >= 0.0 && s.neftune_noise_alpha <= 1e4))
+      r.problem("neftune_noise_alpha", "must be in [0, 1e4] (0 turns NEFTune off; the paper uses 5 to 15)");
     if (s.lora.enabled) {
       try {
         validate_lora_settings(s.lora);

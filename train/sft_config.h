@@ -25,8 +25,9 @@ struct SftConfig {
   data::SftOptions data;                              // chat template, masking, max_length, ...
   bool packing = false;
 
-  double num_train_epochs = 0.0;  // > 0: max_steps follows from the epochs (unless max_steps is given)
-  double warmup_ratio = 0.0;      // > 0: warmup_steps = ceil(warmup_ratio * max_steps)
+  double num_train_epochs = 0.0;     // > 0: max_steps follows from the epochs (unless max_steps is given)
+  double warmup_ratio = 0.0;         // > 0: warmup_steps = ceil(warmup_ratio * max_steps)
+  double neftune_noise_alpha = 0.0;  // > 0: NEFTune noise on the embeddings in training (TRL's key)
 
   LoraSettings lora;
   QuantSettings quant;

@@ -1,6 +1,7 @@
 // Token embedding: forward is a row copy, backward a deterministic scatter-add that accumulates.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -62,6 +63,37 @@ TEST(GradCheck, Embedding) {
   std::vector<double> accumulated = previous;
   llm::ref::embedding_backward(accumulated.data(), w.data(), kTokens.data(), kN, kC);
   for (int i = 0; i < kV * kC; ++i) EXPECT_DOUBLE_EQ(accumulated[i], previous[i] + dtable[i]) << i;
+}
+
+// NEFTune noise: uniform on [-scale, scale), a pure function of (seed, stream, index), added in place.
+TEST(EmbeddingNoise, IsUniformWithinTheScaleAndRepeatable) {
+  const size_t n = 200000;
+  const float scale = 0.25f;
+  std::vector<float> noise(n, 0.0f);
+  llm::ref::embedding_noise_forward(noise.data(), n, scale, 42, 7);
+  double sum = 0.0, sum_sq = 0.0;
+  for (float v : noise) {
+    ASSERT_GE(v, -scale);
+    ASSERT_LT(v, scale);
+    sum += v;
+    sum_sq += static_cast<double>(v) * v;
+  }
+  // U(-s, s): mean 0 and variance s^2 / 3; over 200K draws both are within a few standard errors.
+  EXPECT_NEAR(sum / n, 0.0, 5.0 * scale / std::sqrt(3.0 * n));
+  EXPECT_NEAR(sum_sq / n, scale * scale / 3.0, 0.01 * scale * scale);
+  // Element i is scale * (2 u_i - 1) with the Philox draw of the same (seed, stream, i).
+  for (size_t i : {size_t{0}, size_t{1}, size_t{12345}, n - 1})
+    EXPECT_EQ(noise[i], scale * (2.0f * llm::philox_uniform(42, 7, i) - 1.0f)) << i;
+
+  // Added to the values in place; the same draws again for the same stream, others for another.
+  const std::vector<float> x = llm::test::to_float(random_vector(kN * kC, 5));
+  std::vector<float> once = x, again = x, other = x;
+  llm::ref::embedding_noise_forward(once.data(), once.size(), scale, 42, 7);
+  llm::ref::embedding_noise_forward(again.data(), again.size(), scale, 42, 7);
+  llm::ref::embedding_noise_forward(other.data(), other.size(), scale, 42, 8);
+  EXPECT_EQ(once, again);
+  EXPECT_NE(once, other);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_EQ(once[i], x[i] + noise[i]) << i;
 }
 
 }  // namespace

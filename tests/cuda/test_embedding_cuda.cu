@@ -122,6 +122,32 @@ TEST(CudaEmbedding, MatchesReferenceBf16) {
   check_all<__nv_bfloat16>();
 }
 
+// NEFTune noise: the reference's Philox draws, the product and the sum rounded as there, so the result
+// equals the reference's rounded to the storage type (bit for bit in fp32).
+template <typename T>
+void check_noise(size_t n, float scale, uint64_t seed, uint64_t stream_id) {
+  const std::vector<float> x = round_to<T>(random_floats(n, 56));
+  std::vector<float> want = x;
+  llm::ref::embedding_noise_forward(want.data(), n, scale, seed, stream_id);
+  want = round_to<T>(want);
+  DeviceBuffer<T> d_x(n);
+  upload_floats(d_x, x);
+  llm::cuda::embedding_noise_forward(d_x.get(), n, scale, seed, stream_id, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got = download_floats(d_x);
+  EXPECT_TRUE(got == want) << "embedding noise " << type_name<T>() << " n=" << n << " stream " << stream_id;
+}
+
+TEST(CudaEmbedding, NeftuneNoiseMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  // An odd count (not a multiple of the block), and a stream with bit 62 set as the model uses.
+  for (const size_t n : {size_t{1}, size_t{7 * 257 + 5}, size_t{1} << 20}) {
+    check_noise<float>(n, 0.05f, 42, (uint64_t{1} << 62) | 9);
+    check_noise<__nv_bfloat16>(n, 0.05f, 42, (uint64_t{1} << 62) | 9);
+  }
+  check_noise<float>(1000, 0.0f, 1, 2);  // scale 0 leaves the values as they are
+}
+
 TEST(CudaEmbedding, BackwardIsDeterministicWithManyRepeats) {
   SKIP_WITHOUT_GPU();
   // One id for most rows: the order of the additions decides the bits, so any atomics would show.

@@ -730,13 +730,23 @@ std::vector<double> logged_losses(const std::string& dir) {
 
 TEST(CudaLora, SftOnCudaFollowsTheCpuRun) {
   SKIP_WITHOUT_GPU();
-  for (bool nf4 : {false, true}) {
-    SCOPED_TRACE(nf4 ? "QLoRA" : "LoRA");
+  struct Case {
+    const char* name;
+    bool nf4;
+    double neftune_alpha;
+  };
+  for (const Case& run :
+       {Case{"LoRA", false, 0.0}, Case{"QLoRA", true, 0.0}, Case{"LoRA, NEFTune", false, 5.0}}) {
+    SCOPED_TRACE(run.name);
+    const bool nf4 = run.nf4;
     const std::string cpu_dir = temp_dir("cpu"), gpu_dir = temp_dir("gpu");
-    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(cpu_dir, "cpu", nf4), "cpu.json"), quiet()),
-              0);
-    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(sft_config(gpu_dir, "cuda", nf4), "gpu.json"), quiet()),
-              0);
+    json cpu_config = sft_config(cpu_dir, "cpu", nf4), gpu_config = sft_config(gpu_dir, "cuda", nf4);
+    if (run.neftune_alpha > 0.0) {
+      cpu_config["neftune_noise_alpha"] = run.neftune_alpha;
+      gpu_config["neftune_noise_alpha"] = run.neftune_alpha;
+    }
+    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(cpu_config, "cpu.json"), quiet()), 0);
+    ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(gpu_config, "gpu.json"), quiet()), 0);
     const std::vector<double> lc = logged_losses(cpu_dir), lg = logged_losses(gpu_dir);
     ASSERT_EQ(lc.size(), 6u);
     ASSERT_EQ(lg.size(), lc.size());

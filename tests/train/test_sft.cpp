@@ -287,6 +287,46 @@ TEST(SftTraining, RerunAfterAKillResumesBitwise) {
   fs::remove_all(b);
 }
 
+// The training losses (entries with "loss") of a run's metrics, in step order.
+std::vector<double> training_losses(const std::string& dir) {
+  std::ifstream in(dir + "/metrics.jsonl");
+  std::vector<double> losses;
+  for (std::string line; std::getline(in, line);) {
+    const json entry = json::parse(line);
+    if (entry.contains("loss")) losses.push_back(entry["loss"].get<double>());
+  }
+  return losses;
+}
+
+// NEFTune: the noise changes the training losses from the first step on, and is drawn again on resume
+// (it is keyed by the micro-step), so a killed run still resumes bit for bit.
+TEST(SftTraining, NeftuneChangesTrainingAndResumesBitwise) {
+  const std::string plain = temp_dir("neftune_off"), a = temp_dir("neftune_uninterrupted"),
+                    b = temp_dir("neftune_killed");
+  const auto with_neftune = [](const std::string& out) {
+    json c = tiny_run_config(out);
+    c["neftune_noise_alpha"] = 5.0;
+    return llm::sft_config_from_json(c, "neftune.json");
+  };
+  ASSERT_EQ(llm::run_sft(llm::sft_config_from_json(tiny_run_config(plain), "plain.json"), quiet()), 0);
+  ASSERT_EQ(llm::run_sft(with_neftune(a), quiet()), 0);
+  const std::vector<double> off = training_losses(plain), on = training_losses(a);
+  ASSERT_EQ(off.size(), 6u);
+  ASSERT_EQ(on.size(), 6u);
+  EXPECT_NE(on[0], off[0]);
+  fs::copy_file(a + "/step_00000004.ckpt", b + "/latest.ckpt");
+  ASSERT_EQ(llm::run_sft(with_neftune(b), quiet()), 0);
+  EXPECT_EQ(first_logged_step(b + "/metrics.jsonl"), 5);
+  EXPECT_EQ(checkpoint_params(a + "/latest.ckpt"), checkpoint_params(b + "/latest.ckpt"));
+  // A negative alpha is refused.
+  json bad = tiny_run_config(b);
+  bad["neftune_noise_alpha"] = -1.0;
+  EXPECT_THROW(llm::sft_config_from_json(bad, "bad.json"), llm::ConfigError);
+  fs::remove_all(plain);
+  fs::remove_all(a);
+  fs::remove_all(b);
+}
+
 // QLoRA: the checkpoint holds the adapters; the rerun quantises the base again and resumes bit for bit.
 TEST(SftTraining, QloraRerunAfterAKillResumesBitwise) {
   const std::string a = temp_dir("qlora_uninterrupted"), b = temp_dir("qlora_killed");
