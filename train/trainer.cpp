@@ -306,6 +306,15 @@ std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const floa
   return fingerprint.hex();
 }
 
+namespace {
+
+// Target tokens of a batch: those that carry loss (not the ignore index -100), as the model counts them.
+int64_t count_targets(const data::Batch& batch) {
+  return std::count_if(batch.targets.begin(), batch.targets.end(), [](int32_t t) { return t != -100; });
+}
+
+}  // namespace
+
 bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {
   const std::string path = config_.output_dir + "/" + file;
   const Checkpoint ck = make_checkpoint(step);
@@ -419,16 +428,31 @@ RunResult Trainer::run(const RunOptions& options) {
     backend_.zero_grad();
     double loss = 0.0;
     int64_t step_tokens = 0;
-    data::Batch batch;
+    // The step's loss is the mean over all its target tokens, not the mean of the micro-batches' means
+    // (which gives each token of a micro-batch with few targets more weight; transformers fixed the same
+    // in 4.46). So each micro-batch's mean counts by its share of the step's targets, and any split of
+    // the same rows into micro-batches gives the same gradient.
+    std::vector<data::Batch> micro_batches(static_cast<size_t>(accumulation));
+    std::vector<int64_t> micro_targets(static_cast<size_t>(accumulation));
+    int64_t step_targets = 0;
     for (int micro = 0; micro < accumulation; ++micro) {
-      batch = train_.next();
+      micro_batches[micro] = train_.next();
+      micro_targets[micro] = count_targets(micro_batches[micro]);
+      step_targets += micro_targets[micro];
+    }
+    for (int micro = 0; micro < accumulation; ++micro) {
+      const data::Batch& batch = micro_batches[micro];
       const uint64_t counter = static_cast<uint64_t>(step) * accumulation + micro;
-      loss += backend_.forward_backward(view_of(batch), 1.0 / accumulation, counter) / accumulation;
+      const double weight =
+          step_targets > 0 ? static_cast<double>(micro_targets[micro]) / static_cast<double>(step_targets)
+                           : 0.0;
+      loss += backend_.forward_backward(view_of(batch), weight, counter) * weight;
       step_tokens += batch.num_tokens;
       window_flops +=
           static_cast<double>(batch.num_tokens) * training_flops_per_token(config_.model, batch.T);
       data_state_ = batch.state_after;
     }
+    const data::Batch& batch = micro_batches.back();
     double norm = backend_.grad_norm();
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
       std::fprintf(
