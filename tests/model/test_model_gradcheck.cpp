@@ -1,7 +1,7 @@
 // Whole-model gradient check in double precision: every parameter's analytic gradient against central
 // finite differences of the mean cross-entropy, over the matrix of positional encodings x attention
 // types x norms x activations, plus the options that change the graph (biases, QK-norm, windows,
-// untied head, dropout, rope scaling, packed documents, recompute).
+// untied head, dropout, rope scaling, packed documents, recompute, NEFTune noise).
 #include <gtest/gtest.h>
 
 #include <string>
@@ -38,11 +38,13 @@ struct Batch {
 };
 
 // Checks every parameter of a model built from `config` on `batch`.
-void check_model_gradients(const ModelConfig& config, const Batch& batch, bool recompute = false) {
+void check_model_gradients(const ModelConfig& config, const Batch& batch, bool recompute = false,
+                           double neftune_alpha = 0.0) {
   llm::ModelOptions options;
   options.max_batch = batch.B;
   options.max_seq = batch.T;
   options.recompute = recompute;
+  options.neftune_alpha = neftune_alpha;
   Model<double> model(config, options);
   model.init_weights(7);
   // Larger weights than the training init, so every path carries a gradient well above rounding.
@@ -156,6 +158,13 @@ TEST(ModelGradCheckOptions, Recompute) {
   ModelConfig c = tiny_config();
   c.dropout = 0.1;
   check_model_gradients(c, Batch{}, /*recompute=*/true);
+}
+
+// NEFTune's noise is a constant shift of the embeddings, so the backward pass needs nothing new: every
+// gradient at the noisy forward passes, with and without recompute.
+TEST(ModelGradCheckOptions, NeftuneNoise) {
+  check_model_gradients(tiny_config(), Batch{}, /*recompute=*/false, /*neftune_alpha=*/5.0);
+  check_model_gradients(tiny_config(), Batch{}, /*recompute=*/true, /*neftune_alpha=*/5.0);
 }
 
 }  // namespace

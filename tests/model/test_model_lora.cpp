@@ -1,7 +1,8 @@
 // LoRA and QLoRA inside the whole model: a fresh adapter leaves the logits unchanged, the adapters'
 // gradients pass a finite-difference check (with LoRA dropout on), only the adapters are trainable,
 // merging the adapter into the base weights gives the same logits, and the NF4 model computes exactly
-// what a plain model with the NF4-round-tripped weights computes.
+// what a plain model with the NF4-round-tripped weights computes. Also NEFTune, the other fine-tuning
+// option inside the model: noise on the embeddings in training only, drawn per micro-step.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,6 +12,7 @@
 #include "kernels/cpu/lora.h"
 #include "kernels/cpu/nf4.h"
 #include "llm/model.h"
+#include "llm/model_layout.h"
 #include "tests/gradcheck.h"
 
 namespace {
@@ -222,6 +224,56 @@ TEST(ModelLora, DropoutChangesTrainingButNotEvaluation) {
   EXPECT_NE(train1, eval1);
   const double train1_again = model.forward(kInputs.data(), kTargets.data(), kB, kT);
   EXPECT_EQ(train1, train1_again);  // same counter, same masks
+}
+
+ModelOptions with_neftune(double alpha) {
+  ModelOptions o(kB, kT, false);
+  o.neftune_alpha = alpha;
+  return o;
+}
+
+TEST(ModelNeftune, NoiseInTrainingOnlyAndTheSameForTheSameMicroStep) {
+  const ModelConfig c = tiny_config();
+  Model<float> plain(c, with_neftune(0.0));
+  Model<float> noisy(c, with_neftune(5.0));
+  plain.init_weights(3);
+  noisy.init_weights(3);
+  for (Model<float>* m : {&plain, &noisy}) m->set_dropout_rng(11, 4);
+
+  // Evaluation: no noise, the plain model's loss bit for bit.
+  plain.set_training(false);
+  noisy.set_training(false);
+  const double eval_plain = plain.forward(kInputs.data(), kTargets.data(), kB, kT);
+  EXPECT_EQ(noisy.forward(kInputs.data(), kTargets.data(), kB, kT), eval_plain);
+
+  // Training: noise, the same for the same (seed, micro-step), other noise for the next micro-step.
+  plain.set_training(true);
+  noisy.set_training(true);
+  EXPECT_EQ(plain.forward(kInputs.data(), kTargets.data(), kB, kT), eval_plain);  // no dropout configured
+  const double train = noisy.forward(kInputs.data(), kTargets.data(), kB, kT);
+  EXPECT_NE(train, eval_plain);
+  EXPECT_EQ(noisy.forward(kInputs.data(), kTargets.data(), kB, kT), train);
+  noisy.set_dropout_rng(11, 5);
+  EXPECT_NE(noisy.forward(kInputs.data(), kTargets.data(), kB, kT), train);
+}
+
+// The noise is alpha / sqrt(T * d_model) times U(-1, 1): a larger alpha moves the loss further.
+TEST(ModelNeftune, ScaleFollowsAlphaOverSqrtOfRowLengthTimesWidth) {
+  EXPECT_FLOAT_EQ(llm::layer::neftune_scale(5.0, 512, 4096),
+                  static_cast<float>(5.0 / std::sqrt(512.0 * 4096.0)));
+  const ModelConfig c = tiny_config();
+  double previous_shift = 0.0;
+  for (double alpha : {0.5, 5.0, 50.0}) {
+    Model<double> plain(c, ModelOptions(kB, kT, false));
+    Model<double> noisy(c, with_neftune(alpha));
+    plain.init_weights(3);
+    noisy.init_weights(3);
+    noisy.set_dropout_rng(11, 4);
+    const double shift = std::abs(noisy.forward(kInputs.data(), kTargets.data(), kB, kT) -
+                                  plain.forward(kInputs.data(), kTargets.data(), kB, kT));
+    EXPECT_GT(shift, previous_shift) << alpha;
+    previous_shift = shift;
+  }
 }
 
 TEST(ModelLora, MergedEqualsUnmerged) {
