@@ -22,6 +22,11 @@ namespace llm {
 
 namespace {
 
+// Target tokens of a batch: those that carry loss (not the ignore index -100), as the model counts them.
+int64_t count_targets(const data::Batch& batch) {
+  return std::count_if(batch.targets.begin(), batch.targets.end(), [](int32_t t) { return t != -100; });
+}
+
 TokenBatch view_of(const data::Batch& b) {
   TokenBatch t;
   t.B = b.B;
@@ -65,12 +70,18 @@ Trainer::Trainer(const TrainConfig& config, TrainBackend& backend, data::BatchSo
 double Trainer::evaluate() {
   if (!val_) return NAN;
   val_->reset();
-  double total = 0.0;
+  // The mean over all the evaluated target tokens (each batch's mean weighted by its targets), as the
+  // training loss is: batches with few targets (short completions) do not count for more.
+  double weighted_sum = 0.0;
+  int64_t targets = 0;
   for (int i = 0; i < config_.eval_steps; ++i) {
     const data::Batch batch = val_->next();
-    total += backend_.evaluate(view_of(batch));
+    const int64_t batch_targets = count_targets(batch);
+    if (batch_targets == 0) continue;
+    weighted_sum += backend_.evaluate(view_of(batch)) * static_cast<double>(batch_targets);
+    targets += batch_targets;
   }
-  return total / config_.eval_steps;
+  return targets > 0 ? weighted_sum / static_cast<double>(targets) : NAN;
 }
 
 std::string Trainer::generate(const std::string& prompt, int max_tokens, uint64_t sample_counter) {
@@ -305,15 +316,6 @@ std::string frozen_tensors_fingerprint(const ParameterLayout& layout, const floa
   }
   return fingerprint.hex();
 }
-
-namespace {
-
-// Target tokens of a batch: those that carry loss (not the ignore index -100), as the model counts them.
-int64_t count_targets(const data::Batch& batch) {
-  return std::count_if(batch.targets.begin(), batch.targets.end(), [](int32_t t) { return t != -100; });
-}
-
-}  // namespace
 
 bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {
   const std::string path = config_.output_dir + "/" + file;

@@ -1003,3 +1003,39 @@ TEST(Trainer, SaveTotalLimitKeepsTheNewestNumberedCheckpoints) {
 }
 
 }  // namespace
+
+namespace {
+
+// The validation loss is the mean over all evaluated target tokens: with content-masked targets (very
+// different counts per batch) it is the token-weighted mean of the batch means, not their plain mean.
+TEST(Trainer, ValidationLossWeighsEveryTargetTokenAlike) {
+  TempDir dir;
+  json object = tiny_config(dir / "out");
+  object["eval_steps"] = 3;
+  Pipeline s(object);
+  ASSERT_NE(s.val, nullptr);
+  s.val = std::make_unique<MaskingSource>(std::move(s.val));
+  llm::Trainer trainer(s.config, *s.backend, *s.train, s.val.get(), s.tokenizer);
+  const double got = trainer.evaluate();
+
+  s.val->reset();
+  double weighted = 0.0, plain = 0.0;
+  int64_t targets = 0;
+  for (int i = 0; i < 3; ++i) {
+    const llm::data::Batch b = s.val->next();
+    TokenBatch view;
+    view.B = b.B;
+    view.T = b.T;
+    view.inputs = b.inputs.data();
+    view.targets = b.targets.data();
+    const int64_t n = std::count_if(b.targets.begin(), b.targets.end(), [](int32_t t) { return t != -100; });
+    const double loss = s.backend->evaluate(view);
+    weighted += loss * static_cast<double>(n);
+    plain += loss / 3.0;
+    targets += n;
+  }
+  EXPECT_DOUBLE_EQ(got, weighted / static_cast<double>(targets));
+  EXPECT_GT(std::fabs(got - plain), 1e-6) << "the batches' target counts should differ in this test";
+}
+
+}  // namespace
