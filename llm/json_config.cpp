@@ -237,7 +237,8 @@ struct ForeignKey {
 };
 constexpr ForeignKey kForeignKeys[] = {
     {"per_device_train_batch_size", "batch_size", ""},
-    {"per_device_eval_batch_size", "batch_size", " (evaluation uses the training batch size)"},
+    {"per_device_eval_batch_size", "batch_size",
+     " (evaluation uses the training batch size, in the memory a training step already has)"},
     {"lr_scheduler_type", "scheduler",
      " (none, cosine, linear, polynomial; transformers' \"constant_with_warmup\" is \"none\" with "
      "warmup_steps)"},
