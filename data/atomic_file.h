@@ -6,9 +6,10 @@
 // one folder is atomic, so a reader sees either the old file or the whole new one. Destroyed without a
 // commit (an exception on the way), the temporary is removed and the target is left as it was.
 //
-// Every writer of the project (checkpoints, safetensors, GGUF, token shards, JSON files) goes through this
-// one class. `Error` is the exception type thrown, so that each format keeps reporting its own error; every
-// message names the file.
+// Every file the project writes (checkpoints, safetensors, GGUF, token shards, JSON files, the tokenizer
+// files copied into a Hugging Face folder) goes through this one class; metrics.jsonl is only appended to.
+// `Error` is the exception type thrown, so that each format keeps reporting its own error; every message
+// names the file.
 #pragma once
 
 #include <fcntl.h>
@@ -26,8 +27,12 @@ class AtomicFile {
  public:
   explicit AtomicFile(const std::string& path)
       : path_(path), temp_(path + ".tmp." + std::to_string(::getpid())) {
-    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd_ < 0) throw Error("cannot create " + temp_ + ": " + std::strerror(errno));
+    // 0666 less the umask, as fopen and ofstream create files.
+    fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    if (fd_ < 0) {
+      const int error = errno;  // before the message's allocations can change it
+      throw Error("cannot create " + temp_ + ": " + std::strerror(error));
+    }
   }
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
@@ -42,8 +47,9 @@ class AtomicFile {
     while (done < size) {
       const ssize_t n = ::write(fd_, bytes + done, size - done);
       if (n < 0) {
-        if (errno == EINTR) continue;
-        throw Error("cannot write " + temp_ + ": " + std::strerror(errno));
+        const int error = errno;
+        if (error == EINTR) continue;
+        throw Error("cannot write " + temp_ + ": " + std::strerror(error));
       }
       done += static_cast<size_t>(n);
     }
@@ -59,11 +65,13 @@ class AtomicFile {
     const int sync_errno = errno;
     const bool closed = ::close(fd_) == 0;
     fd_ = -1;
+    const int close_errno = errno;
     if (!synced || !closed) {
-      throw Error("cannot flush " + temp_ + ": " + std::strerror(synced ? errno : sync_errno));
+      throw Error("cannot flush " + temp_ + ": " + std::strerror(synced ? close_errno : sync_errno));
     }
     if (::rename(temp_.c_str(), path_.c_str()) != 0) {
-      throw Error("cannot rename " + temp_ + " to " + path_ + ": " + std::strerror(errno));
+      const int error = errno;
+      throw Error("cannot rename " + temp_ + " to " + path_ + ": " + std::strerror(error));
     }
     committed_ = true;
     const size_t slash = path_.find_last_of('/');

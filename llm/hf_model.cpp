@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <set>
 #include <type_traits>
 
@@ -204,8 +206,11 @@ std::vector<std::string> save_hf_folder(const std::string& dir, const ModelConfi
     for (const std::string& file : copies) {
       const std::string from = source + "/" + file;
       if (!fs::is_regular_file(from, ec)) continue;
-      fs::copy_file(from, dir + "/" + file, fs::copy_options::overwrite_existing, ec);
-      if (ec) throw HfModelError("cannot copy " + from + " to " + dir + ": " + ec.message());
+      // Read whole and written atomically, like every other file of the folder.
+      std::ifstream in(from, std::ios::binary);
+      const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (!in.good() && !in.eof()) throw HfModelError("cannot read " + from);
+      write_file_atomic<HfModelError>(dir + "/" + file, bytes);
       written.push_back(file);
       if (file == "generation_config.json") have_generation = true;
     }

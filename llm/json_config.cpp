@@ -232,8 +232,9 @@ namespace {
 // config being read has that key.
 struct ForeignKey {
   const char* name;
-  const char* ours;
-  const char* detail;
+  const char* ours;    // this project's key; "" when there is none
+  const char* detail;  // without a key of ours: given where the config has the key `context`
+  const char* context = "";
 };
 constexpr ForeignKey kForeignKeys[] = {
     {"per_device_train_batch_size", "batch_size", ""},
@@ -255,18 +256,20 @@ constexpr ForeignKey kForeignKeys[] = {
     {"max_seq_length", "max_length", ""},
     {"target_modules", "lora_target_modules", ""},
     {"r", "lora_r", ""},
-    {"use_dora", "", "DoRA is not implemented; LoRA and rsLoRA are (use_rslora)"},
-    {"bf16", "", "on a GPU the CUDA backend always trains in bf16 with fp32 master weights; remove the key"},
-    {"fp16", "", "fp16 training is not supported; on a GPU the CUDA backend trains in bf16; remove the key"},
+    {"use_dora", "", "DoRA is not implemented; LoRA and rsLoRA are (use_rslora)", "use_lora"},
+    {"bf16", "", "on a GPU the CUDA backend always trains in bf16 with fp32 master weights; remove the key",
+     "max_steps"},
+    {"fp16", "", "fp16 training is not supported; on a GPU the CUDA backend trains in bf16; remove the key",
+     "max_steps"},
     {"bnb_4bit_compute_dtype", "",
-     "NF4 weights are always dequantised to bf16 for the GEMMs on a GPU (fp32 on the CPU); remove the key"},
+     "NF4 weights are always dequantised to bf16 for the GEMMs on a GPU (fp32 on the CPU); remove the key",
+     "load_in_4bit"},
 };
 
 }  // namespace
 
 void KeyReader::finish() {
   if (object_.is_object()) {
-    const bool reads_training_keys = std::find(known_.begin(), known_.end(), "max_steps") != known_.end();
     for (auto it = object_.begin(); it != object_.end(); ++it) {
       if (std::find(known_.begin(), known_.end(), it.key()) != known_.end()) continue;
       std::string message = origin_ + ": unknown key \"" + it.key() + "\"";
@@ -276,7 +279,7 @@ void KeyReader::finish() {
         const std::string ours = f.ours;
         if (!ours.empty() && std::find(known_.begin(), known_.end(), ours) != known_.end()) {
           hint = ": this trainer calls it \"" + ours + "\"" + f.detail;
-        } else if (ours.empty() && reads_training_keys) {
+        } else if (ours.empty() && std::find(known_.begin(), known_.end(), f.context) != known_.end()) {
           hint = std::string(": ") + f.detail;
         }
       }

@@ -135,7 +135,7 @@ std::vector<float> initial_lora_adapters(const ModelConfig& config, const LoraSe
     if (!a.trainable || !b.trainable)
       throw std::invalid_argument(m.prefix + ": its adapter is not trainable");
     ref::lora_init(out.data() + a.grad_offset, out.data() + b.grad_offset, m.in_features, m.out_features,
-                   settings.r, settings.init_seed, i);
+                   settings.r, settings.init_seed, layer::lora_init_stream(i));
   }
   return out;
 }

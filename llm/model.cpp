@@ -195,7 +195,7 @@ void Model<T>::init_lora() {
   for (size_t i = 0; i < lora_modules_.size(); ++i) {
     const LoraModule& m = lora_modules_[i];
     ref::lora_init(param(m.a_name()), param(m.b_name()), m.in_features, m.out_features, options_.lora.r,
-                   options_.lora.init_seed, i);
+                   options_.lora.init_seed, layer::lora_init_stream(i));
   }
 }
 
@@ -233,10 +233,11 @@ void Model<T>::init_weights(uint64_t seed) {
     const double stddev = 0.02 * (residual_output ? residual_scale : 1.0);
     // Box-Muller on Philox uniforms: one stream per tensor, so a tensor's values do not depend on
     // which other tensors exist, and each value on nothing but its index (any thread count, same bits).
+    const uint64_t stream = layer::weight_init_stream(ti);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < t.numel; ++i) {
-      const double u1 = 1.0 - philox_uniform(seed, ti, 2 * static_cast<uint64_t>(i));
-      const double u2 = philox_uniform(seed, ti, 2 * static_cast<uint64_t>(i) + 1);
+      const double u1 = 1.0 - philox_uniform(seed, stream, 2 * static_cast<uint64_t>(i));
+      const double u2 = philox_uniform(seed, stream, 2 * static_cast<uint64_t>(i) + 1);
       const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
       w[i] = static_cast<T>(stddev * z);
     }

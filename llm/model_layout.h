@@ -44,6 +44,16 @@ inline float neftune_scale(double alpha, int seq_len, int C) {
   return static_cast<float>(alpha / std::sqrt(static_cast<double>(seq_len) * static_cast<double>(C)));
 }
 
+// Weight initialisation draws under the run's seed too: tensor `tensor_index` of the layout (bit 61), and
+// LoRA module `module_index`'s A (bits 61 and 60), so that no initial value shares its draw with a
+// dropout mask or the noise of an early micro-step.
+inline uint64_t weight_init_stream(uint64_t tensor_index) {
+  return (uint64_t{1} << 61) | tensor_index;
+}
+inline uint64_t lora_init_stream(uint64_t module_index) {
+  return (uint64_t{1} << 61) | (uint64_t{1} << 60) | module_index;
+}
+
 inline ref::RopeParams rope_params(const ModelConfig& c) {
   ref::RopeParams p;
   p.head_dim = c.resolved_head_dim();

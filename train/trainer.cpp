@@ -343,17 +343,20 @@ bool Trainer::save(const std::string& file, int64_t step, RunResult& result) {
   return true;
 }
 
-// Keeps the newest save_total_limit step_*.ckpt files of output_dir (earlier runs' included, as
-// transformers' Trainer does); latest.ckpt and best.ckpt are never removed.
-void Trainer::remove_old_numbered_checkpoints() {
+// Keeps the newest save_total_limit step_*.ckpt files of output_dir up to `step` (an earlier run's
+// included, as transformers' Trainer does); latest.ckpt and best.ckpt are never removed, nor are files of
+// later steps (left by a run that went further before this one resumed from an earlier checkpoint), so
+// that the limit never removes this run's own newest checkpoints in their favour.
+void Trainer::remove_old_numbered_checkpoints(int64_t step) {
   namespace fs = std::filesystem;
   std::vector<std::string> numbered;
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(config_.output_dir, ec)) {
     const std::string name = entry.path().filename().string();
-    if (name.size() == 18 && name.compare(0, 5, "step_") == 0 && name.compare(13, 5, ".ckpt") == 0 &&
-        std::all_of(name.begin() + 5, name.begin() + 13, [](char ch) { return ch >= '0' && ch <= '9'; }))
-      numbered.push_back(name);
+    if (name.size() != 18 || name.compare(0, 5, "step_") != 0 || name.compare(13, 5, ".ckpt") != 0 ||
+        !std::all_of(name.begin() + 5, name.begin() + 13, [](char ch) { return ch >= '0' && ch <= '9'; }))
+      continue;
+    if (std::stoll(name.substr(5, 8)) <= step) numbered.push_back(name);
   }
   std::sort(numbered.begin(), numbered.end());  // zero-padded steps: name order is step order
   for (size_t i = 0; i + static_cast<size_t>(config_.save_total_limit) < numbered.size(); ++i) {
@@ -448,7 +451,9 @@ RunResult Trainer::run(const RunOptions& options) {
       const double weight =
           step_targets > 0 ? static_cast<double>(micro_targets[micro]) / static_cast<double>(step_targets)
                            : 0.0;
-      loss += backend_.forward_backward(view_of(batch), weight, counter) * weight;
+      // A micro-batch without targets adds nothing (its weight is 0): no need to run it.
+      if (micro_targets[micro] > 0)
+        loss += backend_.forward_backward(view_of(batch), weight, counter) * weight;
       step_tokens += batch.num_tokens;
       window_flops +=
           static_cast<double>(batch.num_tokens) * training_flops_per_token(config_.model, batch.T);
@@ -547,7 +552,7 @@ RunResult Trainer::run(const RunOptions& options) {
       if (!config_.save_best_only) {
         char name[64];
         std::snprintf(name, sizeof(name), "step_%08lld.ckpt", (long long)step);
-        if (save(name, step, result) && config_.save_total_limit > 0) remove_old_numbered_checkpoints();
+        if (save(name, step, result) && config_.save_total_limit > 0) remove_old_numbered_checkpoints(step);
       }
     }
     if (options.print && config_.sample_every > 0 && step % config_.sample_every == 0 && !last) {

@@ -65,7 +65,7 @@ class Trainer {
   // Writes a checkpoint; false (and nothing written) when it would hold a non-finite value.
   bool save(const std::string& file, int64_t step, RunResult& result);
   void log_metrics(const json& entry);
-  void remove_old_numbered_checkpoints();
+  void remove_old_numbered_checkpoints(int64_t step);
   void drop_metrics_after(int64_t step);
 
   const TrainConfig& config_;

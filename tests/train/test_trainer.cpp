@@ -978,6 +978,9 @@ TEST(Trainer, SaveTotalLimitKeepsTheNewestNumberedCheckpoints) {
   std::filesystem::create_directories(out);
   std::ofstream(out + "/step_00000000.ckpt") << "earlier run";
   std::ofstream(out + "/step_notes.ckpt") << "not a numbered checkpoint";
+  // A later step's file, left by a run that went further before this one started from an earlier step:
+  // neither counted nor removed.
+  std::ofstream(out + "/step_00000099.ckpt") << "a later step";
   Pipeline s(object);
   const RunResult r = s.run();
   ASSERT_FALSE(r.stopped_on_nonfinite);
@@ -988,7 +991,7 @@ TEST(Trainer, SaveTotalLimitKeepsTheNewestNumberedCheckpoints) {
   }
   std::sort(names.begin(), names.end());
   EXPECT_EQ(names, (std::vector<std::string>{"best.ckpt", "latest.ckpt", "step_00000005.ckpt",
-                                             "step_00000006.ckpt", "step_notes.ckpt"}));
+                                             "step_00000006.ckpt", "step_00000099.ckpt", "step_notes.ckpt"}));
   EXPECT_EQ(llm::read_checkpoint(out + "/step_00000005.ckpt").meta["step"], 5);
 
   // Without numbered checkpoints, a limit has nothing to limit.
