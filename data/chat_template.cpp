@@ -19,6 +19,8 @@ constexpr std::string_view kQwen2System = "You are a helpful assistant.";
 constexpr std::string_view kQwen25System =
     "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 constexpr std::string_view kLlama3Bos = "<|begin_of_text|>";
+// Meta's Llama-3.1/3.2 templates fall back to this date when none is given.
+constexpr std::string_view kLlama31Date = "26 Jul 2024";
 
 bool contains(std::string_view text, std::string_view part) {
   return text.find(part) != std::string_view::npos;
@@ -98,6 +100,31 @@ RenderedChat render_llama3(const ChatTemplate& t, const std::vector<ChatMessage>
   RenderedChat out;
   for (size_t i = 0; i < messages.size(); ++i) {
     if (i == 0) out.text += t.bos_token;
+    out.text += "<|start_header_id|>";
+    out.text += messages[i].role;
+    out.text += "<|end_header_id|>\n\n";
+    const size_t begin = out.text.size();
+    out.text += python_strip(messages[i].content);
+    out.text += "<|eot_id|>";
+    if (messages[i].role == "assistant") out.assistant_spans.push_back({begin, out.text.size()});
+  }
+  if (options.add_generation_prompt) out.text += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  return out;
+}
+
+// Llama-3.1: the system header (cutoff, date, the leading system message) first, then Llama-3's turns.
+RenderedChat render_llama31(const ChatTemplate& t, const std::vector<ChatMessage>& messages,
+                            const RenderOptions& options) {
+  RenderedChat out;
+  const bool leading_system = messages[0].role == "system";
+  out.text += t.bos_token;
+  out.text +=
+      "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: ";
+  out.text += t.date;
+  out.text += "\n\n";
+  if (leading_system) out.text += python_strip(messages[0].content);
+  out.text += "<|eot_id|>";
+  for (size_t i = leading_system ? 1 : 0; i < messages.size(); ++i) {
     out.text += "<|start_header_id|>";
     out.text += messages[i].role;
     out.text += "<|end_header_id|>\n\n";
@@ -200,6 +227,28 @@ std::string default_system_prompt(std::string_view jinja) {
   return "";
 }
 
+// The date of a Llama-3.1 system header: a literal after "Today Date: " (Unsloth's copies write one), or
+// else the literal default of date_string (Meta's templates: {%- set date_string = "26 Jul 2024" %}).
+std::string llama31_date(std::string_view jinja) {
+  const size_t today = jinja.find("Today Date: ");
+  if (today != std::string_view::npos) {
+    const size_t begin = today + std::string_view("Today Date: ").size();
+    const size_t end = jinja.find_first_of("\\\n\"'", begin);  // up to an escaped \n, a newline or a quote
+    if (end != std::string_view::npos && end > begin && (jinja[end] == '\\' || jinja[end] == '\n')) {
+      return std::string(jinja.substr(begin, end - begin));
+    }
+  }
+  for (const std::string_view head :
+       {std::string_view("date_string = \""), std::string_view("date_string = '")}) {
+    const size_t pos = jinja.find(head);
+    if (pos == std::string_view::npos) continue;
+    const size_t begin = pos + head.size();
+    const size_t end = jinja.find(head.back(), begin);
+    if (end != std::string_view::npos && end > begin) return std::string(jinja.substr(begin, end - begin));
+  }
+  return "";
+}
+
 std::string read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open file");
@@ -224,12 +273,16 @@ ChatTemplate chat_template_by_name(std::string_view name) {
   } else if (name == "llama3") {
     t.format = ChatFormat::kLlama3;
     t.bos_token = std::string(kLlama3Bos);
+  } else if (name == "llama3.1" || name == "llama3.2") {
+    t.format = ChatFormat::kLlama3;
+    t.bos_token = std::string(kLlama3Bos);
+    t.date = std::string(kLlama31Date);
   } else if (name == "qwen3") {
     t.format = ChatFormat::kQwen3;
   } else {
     throw std::invalid_argument(
         "unknown chat template \"" + std::string(name) +
-        "\"; expected one of chatml, qwen2, qwen2.5, llama3, qwen3, or a tokenizer path");
+        "\"; expected one of chatml, qwen2, qwen2.5, llama3, llama3.1, llama3.2, qwen3, or a tokenizer path");
   }
   return t;
 }
@@ -237,13 +290,23 @@ ChatTemplate chat_template_by_name(std::string_view name) {
 ChatTemplate chat_template_from_jinja(std::string_view jinja, std::string_view bos_token,
                                       const std::string& source) {
   const std::string supported =
-      "; supported: ChatML (Qwen2/2.5), Llama-3-Instruct and Qwen3 templates, or a name: chatml, qwen2, "
-      "qwen2.5, llama3, qwen3";
+      "; supported: ChatML (Qwen2/2.5), Llama-3-Instruct, Llama-3.1/3.2/3.3-Instruct and Qwen3 templates, or "
+      "a "
+      "name: chatml, qwen2, qwen2.5, llama3, llama3.1, llama3.2, qwen3";
   if (contains(jinja, "<|start_header_id|>") && contains(jinja, "<|eot_id|>")) {
     if (contains(jinja, "Cutting Knowledge Date")) {
-      throw std::runtime_error(source +
-                               ": a Llama-3.1-style template (date and tools system header) is not " +
-                               "supported; name \"llama3\" renders the Llama-3.0 format instead" + supported);
+      const bool from_clock = contains(jinja, "strftime_now");
+      ChatTemplate t = chat_template_by_name(from_clock ? "llama3.2" : "llama3.1");
+      t.date = llama31_date(jinja);
+      if (t.date.empty()) {
+        throw std::runtime_error(source +
+                                 ": a Llama-3.1-style template whose date is neither a \"Today Date: ...\" "
+                                 "literal nor a literal default of date_string" +
+                                 supported);
+      }
+      t.date_from_clock = from_clock;
+      if (!bos_token.empty()) t.bos_token = std::string(bos_token);
+      return t;
     }
     ChatTemplate t = chat_template_by_name("llama3");
     if (!bos_token.empty()) t.bos_token = std::string(bos_token);
@@ -323,7 +386,8 @@ RenderedChat render_chat(const ChatTemplate& chat_template, const std::vector<Ch
     case ChatFormat::kChatML:
       return render_chatml(chat_template, messages, options);
     case ChatFormat::kLlama3:
-      return render_llama3(chat_template, messages, options);
+      return chat_template.date.empty() ? render_llama3(chat_template, messages, options)
+                                        : render_llama31(chat_template, messages, options);
     case ChatFormat::kQwen3:
       return render_qwen3(messages, options);
   }

@@ -11,6 +11,9 @@
 //            BOS before the first message, then
 //            <|start_header_id|>ROLE<|end_header_id|>\n\nstrip(CONTENT)<|eot_id|> generation prompt
 //            <|start_header_id|>assistant<|end_header_id|>\n\n
+//   Llama-3.1 (Llama-3.1/3.2/3.3-Instruct, without tools): Llama-3 with a system header always first,
+//            <|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n
+//            Today Date: DATE\n\nstrip(SYSTEM)<|eot_id|>, SYSTEM being a leading system message (or empty).
 //   Qwen3    ChatML without a default system prompt; assistant turns after the last user message get a
 //            <think>\nREASONING\n</think>\n\n block (empty for the final turn when it has no reasoning),
 //            earlier turns lose theirs; reasoning is read from "<think>...</think>" in the content. The
@@ -45,6 +48,10 @@ struct ChatTemplate {
   std::string name;            // "chatml", "qwen2", "qwen2.5", "llama3" or "qwen3": for messages
   std::string default_system;  // ChatML: the system turn added when the conversation has none
   std::string bos_token;       // Llama-3: written before the first message
+  std::string date;            // Llama-3.1: the "Today Date" of its system header ("" for Llama-3.0)
+  // Llama-3.2: transformers renders the day of the run (strftime_now); we write `date` (the template's
+  // fallback), so that a run renders its data the same way every day and resumes bit for bit.
+  bool date_from_clock = false;
 };
 
 struct RenderOptions {
@@ -69,14 +76,16 @@ struct TokenizedChat {
 };
 
 // "chatml" (no default system prompt), "qwen2" ("You are a helpful assistant."), "qwen2.5" ("You are Qwen,
-// created by Alibaba Cloud. You are a helpful assistant."), "llama3" (bos "<|begin_of_text|>"), "qwen3".
+// created by Alibaba Cloud. You are a helpful assistant."), "llama3" (bos "<|begin_of_text|>"), "llama3.1"
+// and "llama3.2" (Llama-3 with the system header of date "26 Jul 2024"), "qwen3".
 // Throws std::invalid_argument listing the names for anything else.
 ChatTemplate chat_template_by_name(std::string_view name);
 
 // Recognises a tokenizer_config.json chat_template (the Jinja source) by its distinctive parts:
-// "<|start_header_id|>" and "<|eot_id|>" -> Llama-3 (Llama-3.1's "Cutting Knowledge Date" header is not
-// supported); "<|im_start|>" with "enable_thinking" -> Qwen3; "<|im_start|>" without "<think>" -> ChatML,
-// with the default system prompt read from its "<|im_start|>system\n...<|im_end|>" literal, if any.
+// "<|start_header_id|>" and "<|eot_id|>" -> Llama-3, or with "Cutting Knowledge Date" Llama-3.1 (its date
+// read from the template: a "Today Date: ..." literal or date_string's literal default; "strftime_now"
+// makes it "llama3.2"); "<|im_start|>" with "enable_thinking" -> Qwen3; "<|im_start|>" without "<think>" ->
+// ChatML, with the default system prompt read from its "<|im_start|>system\n...<|im_end|>" literal, if any.
 // bos_token is the tokenizer's (Llama-3 writes it; empty means "<|begin_of_text|>"). Throws
 // std::runtime_error starting with source for a template it cannot render exactly.
 ChatTemplate chat_template_from_jinja(std::string_view jinja, std::string_view bos_token = "",

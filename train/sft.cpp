@@ -148,6 +148,14 @@ int run_sft(SftConfig config, const SftRunOptions& options) {
     }
   }
   const data::ChatTemplate chat_template = data::load_chat_template(data_options.chat_template);
+  if (print && chat_template.date_from_clock) {
+    std::printf(
+        "note: the chat template writes today's date in its system header under transformers; this run "
+        "writes "
+        "\"%s\" (the template's fallback), so that the data renders the same on every day and a resume is "
+        "exact\n",
+        chat_template.date.c_str());
+  }
 
   const auto train_set = data::load_sft_dataset(config.train_file, *tokenizer, data_options);
   data::SftLoaderOptions lo;

@@ -17,9 +17,11 @@ id and check decode(encode(x)).
 
 The chat-template fixture renders conversations with transformers' apply_chat_template. The Jinja templates
 below are written here to reproduce the published behaviour of each family (ChatML as in Qwen2.5 with its
-default system prompt, plain ChatML, Llama-3-Instruct, Qwen3 with enable_thinking); they keep the distinctive
+default system prompt, plain ChatML, Llama-3-Instruct, the tool-free part of Llama-3.1/3.3-Instruct and of
+Llama-3.2-Instruct (whose date comes from strftime_now), Qwen3 with enable_thinking); they keep the distinctive
 substrings by which the C++ side recognises a template ("<|im_start|>", "<|start_header_id|>", "<|eot_id|>",
-"enable_thinking").
+"Cutting Knowledge Date", "strftime_now", "enable_thinking"). The Llama-3.2 template is rendered with
+date_string="26 Jul 2024" (its fallback), since transformers' strftime_now would write the day of the run.
 
 Usage (needs tokenizers and transformers):
     python3 dev/reference/tokenizer_fixtures.py   # writes tests/fixtures/tokenizers/
@@ -287,6 +289,41 @@ LLAMA3_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
 
+# Llama-3.1/3.3-Instruct without tools: the system header always comes first, with the knowledge cutoff and
+# the date, then the (trimmed) system message; every other message is trimmed as in Llama-3.
+LLAMA31_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n")
+
+# Llama-3.2-Instruct: the same, with the date from strftime_now when the renderer defines it.
+LLAMA32_TEMPLATE = LLAMA31_TEMPLATE.replace(
+    "{%- if not date_string is defined %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}\n",
+    "{%- if not date_string is defined %}\n"
+    "    {%- if strftime_now is defined %}\n"
+    "        {%- set date_string = strftime_now(\"%d %b %Y\") %}\n"
+    "    {%- else %}\n"
+    "        {%- set date_string = \"26 Jul 2024\" %}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}\n")
+
 # Qwen3: a leading system message; the index of the last real user query; assistant turns after it keep
 # (or get an empty) <think> block, earlier ones lose their reasoning; the generation prompt gets an empty
 # think block when enable_thinking is false.
@@ -360,6 +397,9 @@ TEMPLATES = {
     "qwen2.5": {"template": QWEN25_TEMPLATE, "tokenizer": "qwen2", "bos_token": None},
     "chatml": {"template": CHATML_TEMPLATE, "tokenizer": "qwen2", "bos_token": None},
     "llama3": {"template": LLAMA3_TEMPLATE, "tokenizer": "llama3", "bos_token": "<|begin_of_text|>"},
+    "llama3.1": {"template": LLAMA31_TEMPLATE, "tokenizer": "llama3", "bos_token": "<|begin_of_text|>"},
+    "llama3.2": {"template": LLAMA32_TEMPLATE, "tokenizer": "llama3", "bos_token": "<|begin_of_text|>",
+                 "extra": {"date_string": "26 Jul 2024"}},
     "qwen3": {"template": QWEN3_TEMPLATE, "tokenizer": "qwen2", "bos_token": None},
 }
 
@@ -381,7 +421,9 @@ def chat_fixture(tokenizers_by_name):
                     continue
                 thinking_options = [False, True] if name == "qwen3" else [None]
                 for thinking in thinking_options:
-                    extra = {} if thinking is None else {"enable_thinking": thinking}
+                    extra = dict(spec.get("extra", {}))
+                    if thinking is not None:
+                        extra["enable_thinking"] = thinking
                     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **extra)
                     ids = tok.encode(text, add_special_tokens=False).ids
                     case = {"messages": messages, "add_generation_prompt": gen, "text": text, "ids": ids}

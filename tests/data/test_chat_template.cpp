@@ -121,7 +121,7 @@ TEST(ChatTemplate, RecognisedTemplatesMatchTransformers) {
 }
 
 TEST(ChatTemplate, NamedTemplatesMatchTransformers) {
-  for (const char* name : {"chatml", "qwen2.5", "llama3", "qwen3"})
+  for (const char* name : {"chatml", "qwen2.5", "llama3", "llama3.1", "llama3.2", "qwen3"})
     check_template(entry_named(name), chat_template_by_name(name));
 }
 
@@ -147,6 +147,26 @@ TEST(ChatTemplate, RecognisesFormats) {
             ChatFormat::kQwen3);
 
   EXPECT_THROW(chat_template_from_jinja("{{ messages }}"), std::runtime_error);
+  // Llama-3.1: the date from date_string's default, from a literal, or the clock (3.2, with the fallback).
+  const ChatTemplate llama31 =
+      chat_template_from_jinja(entry_named("llama3.1")["chat_template"].get<std::string>());
+  EXPECT_EQ(llama31.name, "llama3.1");
+  EXPECT_EQ(llama31.date, "26 Jul 2024");
+  EXPECT_FALSE(llama31.date_from_clock);
+  const ChatTemplate llama32 =
+      chat_template_from_jinja(entry_named("llama3.2")["chat_template"].get<std::string>());
+  EXPECT_EQ(llama32.name, "llama3.2");
+  EXPECT_EQ(llama32.date, "26 Jul 2024");
+  EXPECT_TRUE(llama32.date_from_clock);
+  const ChatTemplate literal = chat_template_from_jinja(
+      "{{- bos_token }}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Cutting Knowledge Date: "
+      "December 2023\\nToday Date: 26 July 2024\\n\\n' }}{{- '<|eot_id|>' }}");
+  EXPECT_EQ(literal.date, "26 July 2024");
+  EXPECT_EQ(
+      render_chat(literal, {{"user", "Hi"}}).text,
+      "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December "
+      "2023\nToday Date: 26 July 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>");
+  // A Llama-3.1-style template whose date cannot be read is refused.
   EXPECT_THROW(chat_template_from_jinja("<|start_header_id|> Cutting Knowledge Date <|eot_id|>"),
                std::runtime_error);
   EXPECT_THROW(chat_template_from_jinja("<|im_start|>assistant\\n<think>\\n"), std::runtime_error);
