@@ -419,6 +419,15 @@ RunResult Trainer::run(const RunOptions& options) {
         (long long)schedule.warmup_steps, (long long)max_steps, learning_rate_at(schedule, max_steps),
         schedule.lr);
   }
+  const json& source = config_.source;
+  if (options.print && val_ && source.is_object() && source.contains("eval_steps") &&
+      !source.contains("eval_every")) {
+    // TRL's eval_steps is the evaluation period; ours (LLM-Lab's) is the number of validation batches.
+    std::printf(
+        "note: eval_steps %d is the number of validation batches per evaluation; evaluations run every "
+        "eval_every %d steps (TRL's eval_steps is that period)\n",
+        config_.eval_steps, config_.eval_every);
+  }
   const int accumulation = config_.gradient_accumulation_steps;
   const auto start_time = std::chrono::steady_clock::now();
   auto elapsed = [&start_time]() {

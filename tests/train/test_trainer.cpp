@@ -1042,3 +1042,33 @@ TEST(Trainer, ValidationLossWeighsEveryTargetTokenAlike) {
 }
 
 }  // namespace
+
+namespace {
+
+// eval_steps given without eval_every, as a TRL recipe gives its evaluation period: a note says what it
+// means here. With eval_every given too, no note.
+TEST(Trainer, NotesWhatEvalStepsMeansWithoutEvalEvery) {
+  TempDir dir;
+  RunOptions options;
+  options.print = true;
+  const auto output_of = [&](const json& object) {
+    Pipeline s(object);
+    s.trainer = std::make_unique<llm::Trainer>(s.config, *s.backend, *s.train, s.val.get(), s.tokenizer);
+    testing::internal::CaptureStdout();
+    s.trainer->run(options);
+    return testing::internal::GetCapturedStdout();
+  };
+  json object = tiny_config(dir / "out");
+  object["max_steps"] = 2;
+  object.erase("eval_every");
+  const std::string out = output_of(object);
+  EXPECT_NE(out.find("note: eval_steps 4 is the number of validation batches per evaluation; evaluations run "
+                     "every eval_every 500 steps (TRL's eval_steps is that period)"),
+            std::string::npos)
+      << out;
+  object["eval_every"] = 1;
+  object["output_dir"] = dir / "out2";
+  EXPECT_EQ(output_of(object).find("note: eval_steps"), std::string::npos);
+}
+
+}  // namespace
