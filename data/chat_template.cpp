@@ -290,9 +290,8 @@ ChatTemplate chat_template_by_name(std::string_view name) {
 ChatTemplate chat_template_from_jinja(std::string_view jinja, std::string_view bos_token,
                                       const std::string& source) {
   const std::string supported =
-      "; supported: ChatML (Qwen2/2.5), Llama-3-Instruct, Llama-3.1/3.2/3.3-Instruct and Qwen3 templates, or "
-      "a "
-      "name: chatml, qwen2, qwen2.5, llama3, llama3.1, llama3.2, qwen3";
+      "; supported: the templates of ChatML (Qwen2/2.5), Llama-3/3.1/3.2/3.3-Instruct and Qwen3, or a name: "
+      "chatml, qwen2, qwen2.5, llama3, llama3.1, llama3.2, qwen3";
   if (contains(jinja, "<|start_header_id|>") && contains(jinja, "<|eot_id|>")) {
     if (contains(jinja, "Cutting Knowledge Date")) {
       const bool from_clock = contains(jinja, "strftime_now");
