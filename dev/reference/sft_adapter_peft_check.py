@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """End-to-end check that ./train_sft's LoRA adapters are PEFT adapters, run by hand (CI needs no Python).
 
-1. writes a tiny random Qwen2 model with transformers (and the fixture BPE tokenizer) to WORK/base;
+1. writes a tiny random Qwen2 model with transformers (and the fixture BPE tokenizer) to WORK/base, or with
+   --llama a Llama model with llama3 RoPE scaling, untied head, the Llama-3 fixture tokenizer and a
+   Llama-3.1-Instruct chat template (the one of dev/reference/tokenizer_fixtures.py);
 2. runs ./train_sft on it: LoRA on all seven linear layers, rsLoRA, dropout, 20 steps on the CPU;
 3. runs ./merge_lora on the saved adapter;
 4. loads the base with PEFT's PeftModel.from_pretrained(final_lora_adapters) and the merged folder with
    transformers, and prints the largest logit difference (and how much the adapter moves the logits).
 
 Needs torch, transformers and peft. Usage, from the repository root after `make train_sft merge_lora`:
-    python3 dev/reference/sft_adapter_peft_check.py [WORK_DIR]
+    python3 dev/reference/sft_adapter_peft_check.py [--llama] [WORK_DIR]
 """
 import json
 import os
@@ -18,20 +20,41 @@ import sys
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-work = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "/tmp/sft_adapter_peft_check")
+args = [a for a in sys.argv[1:] if a != "--llama"]
+llama = "--llama" in sys.argv[1:]
+work = os.path.abspath(args[0] if args else "/tmp/sft_adapter_peft_check")
 shutil.rmtree(work, ignore_errors=True)
 os.makedirs(work)
 
 torch.manual_seed(0)
-config = Qwen2Config(vocab_size=912, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                     tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
-Qwen2ForCausalLM(config).eval().save_pretrained(f"{work}/base", safe_serialization=True)
-for name in ["tokenizer.json", "tokenizer_config.json"]:
-    shutil.copy(f"{root}/tests/fixtures/tokenizers/qwen2/{name}", f"{work}/base/{name}")
+if llama:
+    sys.path.insert(0, os.path.join(root, "dev", "reference"))
+    from tokenizer_fixtures import LLAMA31_TEMPLATE
+
+    fixture = f"{root}/tests/fixtures/tokenizers/llama3"
+    vocab = json.load(open(f"{fixture}/tokenizer.json"))
+    vocab_size = len(vocab["model"]["vocab"]) + len(vocab["added_tokens"])
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    LlamaForCausalLM(config).eval().save_pretrained(f"{work}/base", safe_serialization=True)
+    shutil.copy(f"{fixture}/tokenizer.json", f"{work}/base/tokenizer.json")
+    tokenizer_config = json.load(open(f"{fixture}/tokenizer_config.json"))
+    tokenizer_config["chat_template"] = LLAMA31_TEMPLATE
+    with open(f"{work}/base/tokenizer_config.json", "w") as f:
+        json.dump(tokenizer_config, f)
+else:
+    config = Qwen2Config(vocab_size=912, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
+    Qwen2ForCausalLM(config).eval().save_pretrained(f"{work}/base", safe_serialization=True)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(f"{root}/tests/fixtures/tokenizers/qwen2/{name}", f"{work}/base/{name}")
 
 sft = {"base_model": f"{work}/base", "train_file": "builtin:arithmetic_sft", "max_length": 128, "packing": True,
        "use_lora": True, "lora_preset": "all", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
