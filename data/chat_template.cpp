@@ -95,19 +95,22 @@ RenderedChat render_chatml(const ChatTemplate& t, const std::vector<ChatMessage>
   return out;
 }
 
+// One Llama-3 turn: header, stripped content, <|eot_id|>; an assistant's content and <|eot_id|> form a span.
+void llama3_turn(RenderedChat& out, const ChatMessage& m) {
+  out.text += "<|start_header_id|>";
+  out.text += m.role;
+  out.text += "<|end_header_id|>\n\n";
+  const size_t begin = out.text.size();
+  out.text += python_strip(m.content);
+  out.text += "<|eot_id|>";
+  if (m.role == "assistant") out.assistant_spans.push_back({begin, out.text.size()});
+}
+
 RenderedChat render_llama3(const ChatTemplate& t, const std::vector<ChatMessage>& messages,
                            const RenderOptions& options) {
   RenderedChat out;
-  for (size_t i = 0; i < messages.size(); ++i) {
-    if (i == 0) out.text += t.bos_token;
-    out.text += "<|start_header_id|>";
-    out.text += messages[i].role;
-    out.text += "<|end_header_id|>\n\n";
-    const size_t begin = out.text.size();
-    out.text += python_strip(messages[i].content);
-    out.text += "<|eot_id|>";
-    if (messages[i].role == "assistant") out.assistant_spans.push_back({begin, out.text.size()});
-  }
+  out.text += t.bos_token;
+  for (const ChatMessage& m : messages) llama3_turn(out, m);
   if (options.add_generation_prompt) out.text += "<|start_header_id|>assistant<|end_header_id|>\n\n";
   return out;
 }
@@ -124,15 +127,7 @@ RenderedChat render_llama31(const ChatTemplate& t, const std::vector<ChatMessage
   out.text += "\n\n";
   if (leading_system) out.text += python_strip(messages[0].content);
   out.text += "<|eot_id|>";
-  for (size_t i = leading_system ? 1 : 0; i < messages.size(); ++i) {
-    out.text += "<|start_header_id|>";
-    out.text += messages[i].role;
-    out.text += "<|end_header_id|>\n\n";
-    const size_t begin = out.text.size();
-    out.text += python_strip(messages[i].content);
-    out.text += "<|eot_id|>";
-    if (messages[i].role == "assistant") out.assistant_spans.push_back({begin, out.text.size()});
-  }
+  for (size_t i = leading_system ? 1 : 0; i < messages.size(); ++i) llama3_turn(out, messages[i]);
   if (options.add_generation_prompt) out.text += "<|start_header_id|>assistant<|end_header_id|>\n\n";
   return out;
 }
