@@ -12,14 +12,7 @@
 
 #include "kernels/cuda_common.cuh"
 #include "kernels/cuda_runtime.h"
-
-// Skips the current test, printing why, when no GPU is usable.
-#define SKIP_WITHOUT_GPU()                                                       \
-  do {                                                                           \
-    if (::llm::cuda::device_count() == 0) {                                      \
-      GTEST_SKIP() << "GPU test skipped: " << ::llm::cuda::unavailable_reason(); \
-    }                                                                            \
-  } while (0)
+#include "tests/gpu_skip.h"
 
 namespace llm::test {
 

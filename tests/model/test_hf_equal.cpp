@@ -25,6 +25,7 @@
 #include "llm/hf_model.h"
 #include "llm/model.h"
 #include "llm/safetensors.h"
+#include "tests/gpu_skip.h"
 
 namespace {
 
@@ -135,7 +136,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfEqual,
 class HfEqualCuda : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfEqualCuda, LossLogitsAndGradientsMatchTransformersInBf16) {
-  if (llm::cuda::device_count() == 0) GTEST_SKIP() << "GPU test skipped: " << llm::cuda::unavailable_reason();
+  SKIP_WITHOUT_GPU();
   const std::string dir = kFixtures + GetParam();
   const llm::HfConfigImport imported = llm::load_hf_config(dir);
   const json inputs = read_json(dir + "/inputs.json");

@@ -9,15 +9,8 @@
 #include <vector>
 
 #include "kernels/cuda_runtime.h"
+#include "tests/gpu_skip.h"
 #include "train/backend.h"
-
-// Skips a test, with the reason, on a machine without a usable GPU.
-#define SKIP_WITHOUT_GPU()                                                       \
-  do {                                                                           \
-    if (::llm::cuda::device_count() == 0) {                                      \
-      GTEST_SKIP() << "GPU test skipped: " << ::llm::cuda::unavailable_reason(); \
-    }                                                                            \
-  } while (0)
 
 namespace llm::test {
 
