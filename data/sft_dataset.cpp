@@ -108,14 +108,14 @@ std::vector<ChatMessage> sft_messages_from_json(const json& record) {
       }
       messages.insert(messages.end(), reply.begin(), reply.end());
     } else {
-      const std::string& p = string_field(record, "prompt", "an object");
-      const std::string& c = string_field(record, "completion", "an object");
+      const std::string p = string_field(record, "prompt", "an object");
+      const std::string c = string_field(record, "completion", "an object");
       if (c.empty()) bad("a non-empty \"completion\"", "an empty string");
       messages = {{"user", p}, {"assistant", c}};
     }
   } else if (record.contains("instruction") || record.contains("response")) {
-    const std::string& instruction = string_field(record, "instruction", "an object");
-    const std::string& response = string_field(record, "response", "an object");
+    const std::string instruction = string_field(record, "instruction", "an object");
+    const std::string response = string_field(record, "response", "an object");
     if (response.empty()) bad("a non-empty \"response\"", "an empty string");
     std::string user = instruction;
     const auto input = record.find("input");

@@ -47,6 +47,7 @@
 #include "kernels/cuda_runtime.h"
 #include "llm/json_config.h"
 #include "llm/lora.h"
+#include "llm/safetensors.h"
 #include "tests/train/backend_test_helpers.h"
 #include "tests/train/sft_test_helpers.h"
 #include "train/checkpoint.h"
@@ -192,8 +193,40 @@ void build_pair(const Case& c, Precision precision, std::unique_ptr<CpuBackend>&
   }
 }
 
+// The bf16 floor of each adapter gradient: how far the CPU's fp32 gradients move when every parameter
+// is only rounded to bf16 (NF4 base: its dequantised values), ||g(round(w)) - g(w)|| / ||g(w)||. The
+// GPU's bf16 run stores its weights that way, so it cannot do better than this. Run with the same
+// batches and dropout counters as compare_gradients.
+std::vector<double> bf16_weight_rounding_floor(const Case& c, CpuBackend& cpu) {
+  OptimizerConfig opt;
+  const BackendOptions o =
+      backend_options(2, 12, lora_settings(c.lora_dropout), /*nf4=*/false, c.double_quant, c.recompute);
+  CpuBackend rounded(c.config, opt, o);
+  std::vector<float> p = cpu.read_parameters();
+  for (float& v : p) v = llm::bf16_to_float(llm::float_to_bf16(v));
+  rounded.write_parameters(p);
+  rounded.zero_grad();
+  for (int micro = 0; micro < 2; ++micro) {
+    const Batch batch = random_batch(2, 12, c.config.vocab_size, 7 + micro);
+    rounded.forward_backward(batch.view(c.packed), 0.5, 11 + micro);
+  }
+  const std::vector<float>& g = cpu.model().gradients();
+  const std::vector<float>& gr = rounded.model().gradients();
+  std::vector<double> floor;
+  for (const auto& t : cpu.layout().tensors()) {
+    if (t.trainable) floor.push_back(l2_rel(g.data() + t.grad_offset, gr.data() + t.grad_offset, t.numel));
+  }
+  return floor;
+}
+
+// PyTorch's own bf16 run of the Hugging Face fixtures (dev/reference/hf_bf16_floor.py) lands at 1.05 to
+// 2.9 times the weight-rounding floor per gradient tensor: a bf16 gradient may be off by up to this many
+// floors, or by the kernel bound where that is larger. (A wrong term or scale is off by tens of percent.)
+constexpr double kBf16FloorFactor = 4.0;
+
 // Two micro-batches (scale 1/2 each, dropout counters 11 and 12) on both backends; compares the losses
-// and every adapter gradient.
+// and every adapter gradient: within `tolerance` in fp32; in bf16 within the larger of `tolerance` and
+// kBf16FloorFactor weight-rounding floors.
 void compare_gradients(const Case& c, Precision precision, double tolerance) {
   std::unique_ptr<CpuBackend> cpu;
   std::unique_ptr<CudaBackend> gpu;
@@ -207,6 +240,8 @@ void compare_gradients(const Case& c, Precision precision, double tolerance) {
     const double lg = gpu->forward_backward(batch.view(c.packed), 0.5, 11 + micro);
     EXPECT_NEAR(lg, lc, tolerance * std::fabs(lc)) << "loss of micro-batch " << micro;
   }
+  const std::vector<double> floor =
+      precision == Precision::kBf16 ? bf16_weight_rounding_floor(c, *cpu) : std::vector<double>();
   // The gradient arena holds the adapters and nothing else: the base has no gradient.
   size_t adapter_elements = 0;
   for (const auto& t : gpu->layout().tensors()) {
@@ -217,13 +252,20 @@ void compare_gradients(const Case& c, Precision precision, double tolerance) {
   const std::vector<float> gg = gpu->model().download_gradients();
   ASSERT_EQ(gg.size(), adapter_elements);
   ASSERT_EQ(gc.size(), gg.size());
+  size_t trainable_index = 0;
   for (const auto& t : cpu->layout().tensors()) {
     if (!t.trainable) continue;
     const size_t n = static_cast<size_t>(t.numel);
     double norm = 0.0;
     for (size_t i = 0; i < n; ++i) norm += static_cast<double>(gc[t.grad_offset + i]) * gc[t.grad_offset + i];
     EXPECT_GT(norm, 0.0) << t.name << ": no gradient signal";
-    EXPECT_LT(l2_rel(gc.data() + t.grad_offset, gg.data() + t.grad_offset, n), tolerance) << t.name;
+    const double bound =
+        floor.empty() ? tolerance : std::max(tolerance, kBf16FloorFactor * floor[trainable_index]);
+    EXPECT_LT(l2_rel(gc.data() + t.grad_offset, gg.data() + t.grad_offset, n), bound)
+        << t.name
+        << (floor.empty() ? ""
+                          : " (bf16 weight-rounding floor " + std::to_string(floor[trainable_index]) + ")");
+    ++trainable_index;
   }
 }
 
@@ -583,7 +625,7 @@ TEST(CudaLora, StreamedBaseKeepsOnlyWhatTheDeviceCannotGiveBack) {
         if (nf4) {
           // A second upload of an NF4 tensor quantises the new values; the current values written back
           // keep the codes (a read and a write back change nothing, also with double quantisation).
-          const std::string& again_name = llm::nf4_quantized_tensors(c).front();
+          const std::string again_name = llm::nf4_quantized_tensors(c).front();
           std::vector<float> again(static_cast<size_t>(gpu.layout().at(again_name).numel));
           for (float& v : again) v = round_to_bf16(normal(rng));
           cpu.write_tensor(again_name, again);
@@ -753,13 +795,17 @@ TEST(CudaLora, SftOnCudaFollowsTheCpuRun) {
     for (size_t i = 0; i < lc.size(); ++i)
       EXPECT_NEAR(lg[i], lc[i], 2e-2 * std::fabs(lc[i])) << "step " << i + 1;
     EXPECT_TRUE(fs::exists(gpu_dir + "/final_lora_adapters/adapter_model.safetensors"));
-    // The frozen base in the GPU run's checkpoint is the CPU run's (NF4 round trip included), bit for bit.
+    // A LoRA checkpoint holds the adapters alone and names its frozen base by a fingerprint of the
+    // values: the GPU run's base is the CPU run's, bit for bit (the fingerprint is taken before NF4).
+    const llm::Checkpoint ckc = llm::read_checkpoint(cpu_dir + "/latest.ckpt"),
+                          ckg = llm::read_checkpoint(gpu_dir + "/latest.ckpt");
+    ASSERT_TRUE(ckc.meta.contains("frozen_base"));
+    EXPECT_EQ(ckc.meta["frozen_base"], ckg.meta["frozen_base"]);
+    // The adapters the two runs trained agree to bf16 accuracy.
     const std::vector<float> pc = checkpoint_params(cpu_dir + "/latest.ckpt"),
                              pg = checkpoint_params(gpu_dir + "/latest.ckpt");
     ASSERT_EQ(pc.size(), pg.size());
-    llm::ModelConfig mc = llm::model_config_from_json(sft_config("", "cpu", nf4)["model"], "model");
-    const size_t base_elements = llm::ParameterLayout(mc).total_elements();
-    EXPECT_EQ(std::memcmp(pc.data(), pg.data(), base_elements * sizeof(float)), 0);
+    EXPECT_LT(l2_rel(pc.data(), pg.data(), pc.size()), kBf16Tolerance);
     fs::remove_all(cpu_dir);
     fs::remove_all(gpu_dir);
   }
