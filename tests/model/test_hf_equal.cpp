@@ -12,10 +12,12 @@
 // (missing, unexpected, wrong-shaped tensors; tied lm_head).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -131,8 +133,41 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, HfEqual,
 // ---------------------------------------------------------------------------------------------------------
 // Round trips
 
-// The same fixtures on the CUDA backend in bf16 (storage bf16, compute fp32), with bf16 tolerances:
-// loss, the last position's logits and every gradient within 2e-2 relative. Skips without a GPU.
+// The bf16 floor of each gradient of a fixture: its relative error against transformers' gradient when
+// the one change is every parameter rounded to bf16 (as the CUDA model's bf16 working copy is), computed
+// by the CPU reference in float64. Here it is 2 to 7 %: bf16 storage alone puts these gradients past 2e-2.
+std::map<std::string, double> bf16_weight_rounding_floor(const std::string& dir, int B, int T,
+                                                         const std::vector<int32_t>& ids,
+                                                         const std::vector<int32_t>& targets) {
+  const llm::HfConfigImport imported = llm::load_hf_config(dir);
+  llm::ModelOptions options;
+  options.max_batch = B;
+  options.max_seq = T;
+  llm::Model<double> model(imported.config, options);
+  const std::vector<float> params = llm::load_hf_parameters(dir, imported.config);
+  for (size_t i = 0; i < params.size(); ++i)
+    model.parameters()[i] = llm::bf16_to_float(llm::float_to_bf16(params[i]));
+  model.set_training(false);
+  model.forward(ids.data(), targets.data(), B, T);
+  model.zero_grad();
+  model.backward_mean_cross_entropy();
+  const llm::SafetensorsFile reference(dir + "/reference.safetensors");
+  std::map<std::string, double> floor;
+  for (const llm::TensorInfo& t : model.layout().tensors()) {
+    const std::vector<float> g = reference.read_floats("grad." + t.name);
+    floor[t.name] = relative_error(model.grad(t.name), g.data(), g.size());
+  }
+  return floor;
+}
+
+// PyTorch's own bf16 run of these fixtures (dev/reference/hf_bf16_floor.py) lands at 1.05 to 2.9 times the
+// floor per gradient tensor; a bf16 gradient may be off by up to this many floors, or by 2e-2 where that is
+// larger. (A wrong term or scale is off by tens of percent, far past this.)
+constexpr double kBf16FloorFactor = 4.0;
+
+// The same fixtures on the CUDA backend in bf16 (storage bf16, compute fp32): loss and the last position's
+// logits within 2e-2 relative; every gradient within the larger of 2e-2 and kBf16FloorFactor floors.
+// Skips without a GPU.
 class HfEqualCuda : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(HfEqualCuda, LossLogitsAndGradientsMatchTransformersInBf16) {
@@ -167,11 +202,17 @@ TEST_P(HfEqualCuda, LossLogitsAndGradientsMatchTransformersInBf16) {
   EXPECT_LT(relative_error(last_d.data(), ref_logits.data() + (T - 1) * V, V), 2e-2);
 
   const std::vector<float> grads = model.download_gradients();
+  const std::map<std::string, double> floor = bf16_weight_rounding_floor(dir, B, T, ids, targets);
+  double worst_ratio = 0.0;
   for (const llm::TensorInfo& t : model.layout().tensors()) {
     const std::vector<float> g = reference.read_floats("grad." + t.name);
     const std::vector<double> ours(grads.begin() + t.grad_offset, grads.begin() + t.grad_offset + t.numel);
-    EXPECT_LT(relative_error(ours.data(), g.data(), g.size()), 2e-2) << t.name;
+    const double e = relative_error(ours.data(), g.data(), g.size()), f = floor.at(t.name);
+    EXPECT_LT(e, std::max(2e-2, kBf16FloorFactor * f))
+        << t.name << " (bf16 weight-rounding floor " << f << ")";
+    worst_ratio = std::max(worst_ratio, e / f);
   }
+  std::printf("%s: worst gradient error over its bf16 weight-rounding floor %.2f\n", GetParam(), worst_ratio);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfEqualCuda,
