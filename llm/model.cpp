@@ -7,6 +7,8 @@
 #include <new>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include "kernels/cpu/activations.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cross_entropy.h"
@@ -51,6 +53,12 @@ Model<T>::Model(const ModelConfig& config, const ModelOptions& options)
   for (size_t i = 0; i < lora_modules_.size(); ++i)
     lora_index_[lora_modules_[i].layer][lora_modules_[i].tensor] = i;
   try {
+    // Where the kernel overcommits memory (vm.overcommit_memory=1), a vector larger than the machine is
+    // granted and the first write to it gets the process killed: refuse such a size up front instead.
+    const double bytes =
+        (static_cast<double>(layout_.total_elements()) + layout_.trainable_elements()) * sizeof(T);
+    const long pages = sysconf(_SC_PHYS_PAGES), page_size = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page_size > 0 && bytes > static_cast<double>(pages) * page_size) throw std::bad_alloc();
     params_.assign(layout_.total_elements(), T(0));
     grads_.assign(layout_.trainable_elements(), T(0));
   } catch (const std::bad_alloc&) {
