@@ -34,7 +34,10 @@
 #   CHECK_RUN_LIMIT_S      time limit of each test binary, .cu benchmark and ctest test (default 120; 2x for
 #                          each .sh benchmark), so that one hung kernel cannot eat the whole budget
 #   CHECK_SANITIZE_TOOLS   compute-sanitizer tools, space-separated (default "memcheck racecheck")
-#   CHECK_SANITIZE_FILTER  gtest filter for the sanitizer runs (default '-*Large*')
+#   CHECK_SANITIZE_FILTER  gtest filter for the sanitizer runs (default '-*Large*:*DeterministicRuns*': the
+#                          sweeps and repeat loops add nothing new under a sanitizer, and racecheck runs the
+#                          attention tests alone for about 160 s on an H200 with them)
+#   CHECK_SANITIZE_TESTS   space-separated CUDA test binaries for the sanitizer runs (default: CHECK_TESTS)
 #   CHECK_CMAKE_ARGS       extra CMake configure arguments, space-separated (the build already keeps warnings
 #                          as warnings, -DLLM_WARNINGS_AS_ERRORS=OFF, and counts them in its row)
 #   CHECK_BENCH_ARGS_<name>  arguments for benchmark <name> (e.g. CHECK_BENCH_ARGS_bench_attention="4 16 2048")
@@ -52,7 +55,7 @@ deps=$root/.gpu_deps
 logs=${OUT:-$build/check-logs}
 steps=",${CHECK_STEPS:-deps,build,cuda,bench,ctest,sanitize},"
 jobs=$(nproc 2>/dev/null || echo 8)
-sanitize_filter=${CHECK_SANITIZE_FILTER:--*Large*}
+sanitize_filter=${CHECK_SANITIZE_FILTER:--*Large*:*DeterministicRuns*}
 read -r -a sanitize_tools <<<"${CHECK_SANITIZE_TOOLS:-memcheck racecheck}"
 run_limit=${CHECK_RUN_LIMIT_S:-120}
 mkdir -p "$logs" "$build/check-tmp" || exit 1
@@ -388,11 +391,13 @@ fi
 
 # --- 6. compute-sanitizer -----------------------------------------------------------------------------
 if want sanitize; then
+  sanitize_tests=("${cuda_tests[@]}")
+  [ -n "${CHECK_SANITIZE_TESTS:-}" ] && read -r -a sanitize_tests <<<"$CHECK_SANITIZE_TESTS"
   if [ -z "$sanitizer" ]; then
     add_row sanitize FAIL 0 "compute-sanitizer not found"
   else
     for tool in "${sanitize_tools[@]}"; do
-      for name in "${cuda_tests[@]}"; do
+      for name in "${sanitize_tests[@]}"; do
         bin=$build/tests/$name
         [ -x "$bin" ] || continue
         t0=$(date +%s)
@@ -402,7 +407,9 @@ if want sanitize; then
           --gtest_color=no --gtest_filter="$sanitize_filter"
         rc=$?
         { echo "=== $tool $name"; cat "$tmp"; } >>"$logs/sanitize.log"
-        errors=$(grep -m1 -o 'ERROR SUMMARY: [0-9]* error' "$tmp" | grep -o '[0-9]*')
+        # memcheck ends with "ERROR SUMMARY: N errors", racecheck with "RACECHECK SUMMARY: N hazards
+        # displayed (E errors, W warnings)".
+        errors=$(grep -m1 -o -E 'ERROR SUMMARY: [0-9]+ error|\([0-9]+ errors' "$tmp" | grep -o '[0-9]*')
         read -r np nf ns <<<"$(gtest_counts "$tmp")"
         st=$(status_of $rc)
         [ $rc -eq 86 ] && st="FAIL(errors)"
