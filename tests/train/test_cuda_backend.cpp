@@ -147,8 +147,9 @@ void expect_gradients_close(CpuBackend& cpu, CudaBackend& gpu, Precision precisi
   for (const auto& t : cpu.layout().tensors()) {
     if (!t.trainable) continue;
     const size_t n = static_cast<size_t>(t.numel);
-    if (key_bias_gradient_is_zero && ends_with(t.name, "k_proj.bias")) {
-      const std::string q_name = t.name.substr(0, t.name.size() - 11) + "q_proj.bias";
+    const std::string key_bias = "k_proj.bias";
+    if (key_bias_gradient_is_zero && ends_with(t.name, key_bias)) {
+      const std::string q_name = t.name.substr(0, t.name.size() - key_bias.size()) + "q_proj.bias";
       const llm::TensorInfo& q = cpu.layout().at(q_name);
       const double scale = max_abs(gc.data() + q.grad_offset, static_cast<size_t>(q.numel));
       ASSERT_GT(scale, 0.0) << q_name;
