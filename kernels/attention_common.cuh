@@ -29,9 +29,12 @@ struct AttentionShape {
   int B = 0, T = 0, Hq = 0, Hkv = 0, D = 0;
 };
 
-// Which fused kernel attention_flash_* runs. kAuto picks the tensor-core (WMMA) kernel for bf16 storage
-// with D in {64, 128} and 16-byte aligned pointers, and the fp32 FMA kernel otherwise.
-enum class AttentionKernel { kAuto, kFma, kTensorCore };
+// Which fused kernel attention_flash_* runs. kAuto picks the mma.sync tensor-core kernels
+// (kernels/attention_mma.cuh) for bf16 storage with D in {64, 128} and 16-byte aligned pointers, and the
+// fp32 FMA kernels otherwise. kTensorCore selects the WMMA tensor-core kernels (the readable version of
+// the same plan, kept as the fast kernels' oracle) and kMma the mma.sync kernels; both throw when the
+// storage, head size or alignment does not allow them.
+enum class AttentionKernel { kAuto, kFma, kTensorCore, kMma };
 
 // Mirrors ref::AttentionOptions with device pointers and float constants. Pointers are DEVICE pointers.
 struct AttentionOptions {
@@ -145,5 +148,50 @@ __host__ __device__ __forceinline__ size_t attn_kv_offset(const AttentionParams&
 __host__ __device__ __forceinline__ size_t attn_row_index(const AttentionParams& p, int b, int h, int i) {
   return (static_cast<size_t>(b) * p.Hq + h) * p.T + i;
 }
+
+// ---- tile ranges shared by the fused kernels (attention_flash.cuh, attention_mma.cuh)
+// ----------------------
+
+namespace attention_flash_detail {
+
+// Key tiles [*begin, *end) of width bc that can hold a key visible to a query in [q0, q_last].
+__host__ __device__ inline void key_tile_range(const AttentionParams& p, int q0, int q_last, int bc,
+                                               int* begin, int* end) {
+  const int tiles = (p.T + bc - 1) / bc;
+  *begin = 0;
+  *end = tiles;
+  if (p.causal) *end = q_last / bc + 1 < tiles ? q_last / bc + 1 : tiles;
+  if (p.window > 0) {
+    const long long first = static_cast<long long>(q0) - p.window + 1;  // first key query q0 can see
+    *begin = first > 0 ? static_cast<int>(first / bc) : 0;
+  }
+}
+
+// Query tiles [*begin, *end) of height br that can see a key in [k0, k_last].
+__host__ __device__ inline void query_tile_range(const AttentionParams& p, int k0, int k_last, int br,
+                                                 int* begin, int* end) {
+  const int tiles = (p.T + br - 1) / br;
+  *begin = p.causal ? k0 / br : 0;
+  *end = tiles;
+  if (p.window > 0) {
+    const long long last = static_cast<long long>(k_last) + p.window - 1;  // last query that sees k_last
+    if (last / br + 1 < tiles) *end = static_cast<int>(last / br + 1);
+  }
+}
+
+// True when every (i, j) of the tile [q0, q0 + br) x [k0, k0 + bc) is visible, so the per-element test
+// can be skipped (interior tiles of long sequences).
+__host__ __device__ inline bool tile_fully_visible(const AttentionParams& p, int q0, int br, int k0, int bc) {
+  if (p.doc_ids != nullptr || q0 + br > p.T || k0 + bc > p.T) return false;
+  if (p.causal && k0 + bc - 1 > q0) return false;
+  if (p.window > 0 && (q0 + br - 1) - k0 >= p.window) return false;
+  return true;
+}
+
+__device__ __forceinline__ bool visible_in(const AttentionParams& p, bool full, int b, int i, int j) {
+  return full || attn_visible(p, b, i, j);
+}
+
+}  // namespace attention_flash_detail
 
 }  // namespace llm::cuda

@@ -70,52 +70,12 @@
 #include <type_traits>
 
 #include "kernels/attention_common.cuh"
+#include "kernels/attention_mma.cuh"
 #include "kernels/cuda_common.cuh"
 
 namespace llm::cuda {
 
 namespace attention_flash_detail {
-
-// ---- tile ranges
-// --------------------------------------------------------------------------------------------
-
-// Key tiles [*begin, *end) of width bc that can hold a key visible to a query in [q0, q_last].
-__host__ __device__ inline void key_tile_range(const AttentionParams& p, int q0, int q_last, int bc,
-                                               int* begin, int* end) {
-  const int tiles = (p.T + bc - 1) / bc;
-  *begin = 0;
-  *end = tiles;
-  if (p.causal) *end = q_last / bc + 1 < tiles ? q_last / bc + 1 : tiles;
-  if (p.window > 0) {
-    const long long first = static_cast<long long>(q0) - p.window + 1;  // first key query q0 can see
-    *begin = first > 0 ? static_cast<int>(first / bc) : 0;
-  }
-}
-
-// Query tiles [*begin, *end) of height br that can see a key in [k0, k_last].
-__host__ __device__ inline void query_tile_range(const AttentionParams& p, int k0, int k_last, int br,
-                                                 int* begin, int* end) {
-  const int tiles = (p.T + br - 1) / br;
-  *begin = p.causal ? k0 / br : 0;
-  *end = tiles;
-  if (p.window > 0) {
-    const long long last = static_cast<long long>(k_last) + p.window - 1;  // last query that sees k_last
-    if (last / br + 1 < tiles) *end = static_cast<int>(last / br + 1);
-  }
-}
-
-// True when every (i, j) of the tile [q0, q0 + br) x [k0, k0 + bc) is visible, so the per-element test
-// can be skipped (interior tiles of long sequences).
-__host__ __device__ inline bool tile_fully_visible(const AttentionParams& p, int q0, int br, int k0, int bc) {
-  if (p.doc_ids != nullptr || q0 + br > p.T || k0 + bc > p.T) return false;
-  if (p.causal && k0 + bc - 1 > q0) return false;
-  if (p.window > 0 && (q0 + br - 1) - k0 >= p.window) return false;
-  return true;
-}
-
-__device__ __forceinline__ bool visible_in(const AttentionParams& p, bool full, int b, int i, int j) {
-  return full || attn_visible(p, b, i, j);
-}
 
 extern __shared__ __align__(128) unsigned char attn_smem[];
 
@@ -786,20 +746,24 @@ inline bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
-// Whether the tensor-core kernels run, per AttentionOptions::kernel (see there).
+// The kernel family that runs, per AttentionOptions::kernel (see there).
+enum class Family { kFma, kWmma, kMma };
+
 template <typename T>
-bool use_tensor_cores(const AttentionParams& p, AttentionKernel kernel,
-                      std::initializer_list<const void*> ptrs) {
+Family pick_family(const AttentionParams& p, AttentionKernel kernel,
+                   std::initializer_list<const void*> ptrs) {
   const bool fits = std::is_same_v<T, __nv_bfloat16> && (p.D == 64 || p.D == 128);
   bool aligned = true;
   for (const void* ptr : ptrs) aligned = aligned && aligned16(ptr);
-  if (kernel == AttentionKernel::kFma) return false;
-  if (kernel == AttentionKernel::kTensorCore && !(fits && aligned)) {
+  if (kernel == AttentionKernel::kFma) return Family::kFma;
+  const bool tensor_cores_asked = kernel == AttentionKernel::kTensorCore || kernel == AttentionKernel::kMma;
+  if (tensor_cores_asked && !(fits && aligned)) {
     throw std::invalid_argument(
-        "attention_flash: the tensor-core kernel needs bf16 storage, D in {64, 128} and 16-byte aligned "
+        "attention_flash: the tensor-core kernels need bf16 storage, D in {64, 128} and 16-byte aligned "
         "tensors");
   }
-  return fits && aligned;
+  if (!(fits && aligned)) return Family::kFma;
+  return kernel == AttentionKernel::kTensorCore ? Family::kWmma : Family::kMma;
 }
 
 [[noreturn]] inline void unsupported_head_size(int D) {
@@ -878,8 +842,18 @@ void attention_flash_forward(T* out, float* lse, const T* q, const T* k, const T
   NvtxRange range("attention_flash_forward");
   const AttentionParams p = make_attention_params(shape, opt);
   if (p.D != 64 && p.D != 128) fd::unsupported_head_size(p.D);
+  const fd::Family family = fd::pick_family<T>(p, opt.kernel, {out, q, k, v});  // throws if not allowed
+  (void)family;                                                                 // only read for bf16 storage
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (fd::use_tensor_cores<T>(p, opt.kernel, {out, q, k, v})) {
+    if (family == fd::Family::kMma) {
+      if (p.D == 64) {
+        fd::forward_mma<64>(p, out, lse, q, k, v, stream);
+      } else {
+        fd::forward_mma<128>(p, out, lse, q, k, v, stream);
+      }
+      return;
+    }
+    if (family == fd::Family::kWmma) {
       if (p.D == 64) {
         fd::forward_tc<64>(p, out, lse, q, k, v, stream);
       } else {
@@ -887,8 +861,6 @@ void attention_flash_forward(T* out, float* lse, const T* q, const T* k, const T
       }
       return;
     }
-  } else {
-    fd::use_tensor_cores<T>(p, opt.kernel, {out, q, k, v});  // throws if kTensorCore was asked for
   }
   if (p.D == 64) {
     fd::forward_fma<T, 64>(p, out, lse, q, k, v, stream);
@@ -908,11 +880,19 @@ void attention_flash_backward(T* dq, T* dk, T* dv, float* delta, const T* dout, 
   NvtxRange range("attention_flash_backward");
   const AttentionParams p = make_attention_params(shape, opt);
   if (p.D != 64 && p.D != 128) fd::unsupported_head_size(p.D);
-  const bool tc = fd::use_tensor_cores<T>(p, opt.kernel, {dq, dk, dv, dout, q, k, v});
-  (void)tc;  // only read for bf16 storage
+  const fd::Family family = fd::pick_family<T>(p, opt.kernel, {dq, dk, dv, dout, q, k, v});
+  (void)family;  // only read for bf16 storage
   fd::delta_pass<T>(p, delta, dout, out, stream);
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    if (tc) {
+    if (family == fd::Family::kMma) {
+      if (p.D == 64) {
+        fd::backward_mma<64>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
+      } else {
+        fd::backward_mma<128>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
+      }
+      return;
+    }
+    if (family == fd::Family::kWmma) {
       if (p.D == 64) {
         fd::backward_tc<64>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
       } else {

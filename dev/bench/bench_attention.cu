@@ -136,7 +136,11 @@ int main(int argc, char** argv) {
   std::printf("%-22s %9s %9s %9s %9s %12s %10s\n", "kernel", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s",
               "fwd+bwd TF/s", "% cuBLAS");
   std::string summary;
-  for (AttentionKernel kernel : {AttentionKernel::kTensorCore, AttentionKernel::kFma}) {
+  for (AttentionKernel kernel :
+       {AttentionKernel::kMma, AttentionKernel::kTensorCore, AttentionKernel::kFma}) {
+    const char* name = kernel == AttentionKernel::kMma          ? "mma"
+                       : kernel == AttentionKernel::kTensorCore ? "wmma"
+                                                                : "fma";
     llm::cuda::AttentionOptions opt;
     opt.causal = true;
     opt.kernel = kernel;
@@ -144,7 +148,7 @@ int main(int argc, char** argv) {
     auto backward = [&] {
       llm::cuda::attention_flash_backward(dq, dk, dv, delta, dout, out, q, k, v, lse, shape, opt, nullptr);
     };
-    const int reps = kernel == AttentionKernel::kTensorCore ? 20 : 3;
+    const int reps = kernel == AttentionKernel::kFma ? 3 : 20;
     const double fwd_ms = time_ms(forward, 2, reps);
     const double bwd_ms = time_ms(backward, 2, reps);
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -156,16 +160,16 @@ int main(int argc, char** argv) {
     for (const __nv_bfloat16& x : host) finite = finite && std::isfinite(__bfloat162float(x));
 
     const double total = (fwd_flops + bwd_flops) / ((fwd_ms + bwd_ms) * 1e-3) / 1e12;
-    std::printf("%-22s %9.3f %9.1f %9.3f %9.1f %12.1f %9.1f%%%s\n",
-                kernel == AttentionKernel::kTensorCore ? "flash bf16 wmma" : "flash bf16->fp32 fma", fwd_ms,
+    const std::string label =
+        std::string(kernel == AttentionKernel::kFma ? "flash bf16->fp32 " : "flash bf16 ") + name;
+    std::printf("%-22s %9.3f %9.1f %9.3f %9.1f %12.1f %9.1f%%%s\n", label.c_str(), fwd_ms,
                 fwd_flops / (fwd_ms * 1e-3) / 1e12, bwd_ms, bwd_flops / (bwd_ms * 1e-3) / 1e12, total,
                 100.0 * total / gemm_tflops, finite ? "" : "   (NON-FINITE OUTPUT)");
     char line[256];
     std::snprintf(
         line, sizeof(line),
         "summary: attention %s causal T=%d D=%d: fwd+bwd %.1f TFLOP/s = %.1f%% of cuBLAS bf16 (%.0f)%s\n",
-        kernel == AttentionKernel::kTensorCore ? "wmma" : "fma", T, D, total, 100.0 * total / gemm_tflops,
-        gemm_tflops, finite ? "" : " NON-FINITE");
+        name, T, D, total, 100.0 * total / gemm_tflops, gemm_tflops, finite ? "" : " NON-FINITE");
     summary += line;
   }
   std::printf("\nfloor at the cuBLAS rate: fwd %.3f ms, bwd %.3f ms (FLOPs / measured GEMM rate)\n",

@@ -40,6 +40,8 @@
 #   CHECK_SANITIZE_TESTS   space-separated CUDA test binaries for the sanitizer runs (default: CHECK_TESTS)
 #   CHECK_CMAKE_ARGS       extra CMake configure arguments, space-separated (the build already keeps warnings
 #                          as warnings, -DLLM_WARNINGS_AS_ERRORS=OFF, and counts them in its row)
+#   CHECK_BENCHES          space-separated benchmark names to run in step 4, .cu and .sh alike (default: all),
+#                          e.g. "bench_attention bench_memory_kernels"
 #   CHECK_BENCH_ARGS_<name>  arguments for benchmark <name> (e.g. CHECK_BENCH_ARGS_bench_attention="4 16 2048")
 set -uo pipefail
 
@@ -314,10 +316,13 @@ bench_rows() {
     add_row "bench $name" "$(status_of "$rc")" $(($(date +%s) - t0)) "$(grep -v '^[[:space:]]*$' "$log" | tail -1 | short 100)"
   fi
 }
+bench_wanted() { [ -z "${CHECK_BENCHES:-}" ] || [[ " $CHECK_BENCHES " == *" $1 "* ]]; }
 if want bench; then
   mkdir -p "$build/bench"
-  benches=(dev/bench/*.cu)
-  [ -e "${benches[0]}" ] || benches=()
+  benches=()
+  for src in dev/bench/*.cu; do
+    [ -e "$src" ] && bench_wanted "$(basename "$src" .cu)" && benches+=("$src")
+  done
   # Compile them all at once (nvcc is single-threaded), then run one at a time.
   declare -A bench_pid bench_t0
   for src in "${benches[@]}"; do
@@ -356,6 +361,7 @@ if want bench; then
   for src in dev/bench/*.sh; do
     [ -e "$src" ] || continue
     name=$(basename "$src" .sh)
+    bench_wanted "$name" || continue
     t0=$(date +%s)
     tmp=$build/check-tmp/$name.run.log
     : >"$tmp"

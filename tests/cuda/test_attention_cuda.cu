@@ -441,6 +441,53 @@ TEST(AttentionFlashCuda, TensorCoreMatchesFmaAndSimple) {
   }
 }
 
+// ---- flash path, bf16 mma.sync kernels (the default for bf16) ------------------------------------------
+
+TEST(AttentionFlashCuda, MmaMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  check_cases<bf16>({gqa(77, 64), with_dropout(with_alibi(with_docs(with_window(mqa(130, 128), 40))), 0.1f)},
+                    Path::kFlash, AttentionKernel::kMma);
+}
+
+TEST(AttentionFlashCuda, MmaFeatureSweepLarge) {
+  SKIP_WITHOUT_GPU();
+  check_cases<bf16>(feature_sweep(64), Path::kFlash, AttentionKernel::kMma);
+  check_cases<bf16>(feature_sweep(128), Path::kFlash, AttentionKernel::kMma);
+  for (int T : {1, 63, 64, 65, 200, 300}) check_case<bf16>(gqa(T, 128), Path::kFlash, AttentionKernel::kMma);
+}
+
+// kAuto picks the mma.sync kernels for bf16: the same bits as asking for them.
+TEST(AttentionFlashCuda, AutoIsMmaForBf16) {
+  SKIP_WITHOUT_GPU();
+  const Problem pb = make_problem<bf16>(gqa(100, 64), 5);
+  const GpuResult automatic = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kAuto);
+  const GpuResult mma = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kMma);
+  EXPECT_EQ(0, std::memcmp(automatic.out.data(), mma.out.data(), mma.out.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(automatic.dq.data(), mma.dq.data(), mma.dq.size() * sizeof(float)));
+}
+
+// The fast kernels against the readable WMMA kernels and the fp32 fused kernels on the same bf16 inputs,
+// long enough (T = 520, 9 tiles) for interior tiles, double buffering and, with GQA, the head loop.
+TEST(AttentionFlashCuda, MmaMatchesWmmaAndFma) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : {gqa(520, 128), with_alibi(with_window(mha(300, 64), 130)), with_docs(mqa(260, 64)),
+                        with_dropout(gqa(200, 128), 0.1f)}) {
+    SCOPED_TRACE(describe(c));
+    const Problem pb = make_problem<bf16>(c, 123);
+    const GpuResult mma = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kMma);
+    const GpuResult wmma = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kTensorCore);
+    const GpuResult fma = run_gpu<float>(pb, Path::kFlash, AttentionKernel::kFma);
+    for (const GpuResult* other : {&wmma, &fma}) {
+      const std::string name = other == &wmma ? "mma vs wmma " : "mma vs fp32 flash ";
+      expect_relative_error(name + "out", mma.out, other->out, 2e-2);
+      expect_relative_error(name + "dq", mma.dq, other->dq, 2e-2);
+      expect_relative_error(name + "dk", mma.dk, other->dk, 2e-2);
+      expect_relative_error(name + "dv", mma.dv, other->dv, 2e-2);
+    }
+    expect_relative_error("mma vs fp32 flash lse", mma.stats, fma.stats, 1e-2);
+  }
+}
+
 // ---- determinism and argument checks ----------------------------------------------------------------------
 
 template <typename T>
@@ -463,6 +510,7 @@ TEST(AttentionFlashCuda, DeterministicRuns) {
   const Case c = with_dropout(with_alibi(gqa(150, 128)), 0.1f);
   expect_bitwise_repeatable<float>(c, Path::kFlash, AttentionKernel::kFma);
   expect_bitwise_repeatable<bf16>(c, Path::kFlash, AttentionKernel::kTensorCore);
+  expect_bitwise_repeatable<bf16>(c, Path::kFlash, AttentionKernel::kMma);
   expect_bitwise_repeatable<bf16>(c, Path::kFlash, AttentionKernel::kFma);
 }
 
@@ -489,6 +537,9 @@ TEST(AttentionFlashCuda, RejectsBadArguments) {
   bad = opt;
   bad.kernel = AttentionKernel::kTensorCore;
   EXPECT_THROW(fwd_f({1, 8, 2, 2, 64}, bad), std::invalid_argument);  // tensor cores need bf16
+  bad.kernel = AttentionKernel::kMma;
+  EXPECT_THROW(fwd_f({1, 8, 2, 2, 64}, bad), std::invalid_argument);  // so do the mma.sync kernels
+  bad.kernel = AttentionKernel::kTensorCore;
   EXPECT_THROW(llm::cuda::attention_flash_forward<bf16>(h, stats, h, h, h, {1, 8, 2, 2, 32}, bad, nullptr),
                std::invalid_argument);  // ... and D in {64, 128}
   EXPECT_THROW(llm::cuda::attention_simple_forward<float>(f, stats, f, f, f, {1, 8, 3, 2, 5}, opt, nullptr),
