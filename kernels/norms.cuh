@@ -22,10 +22,17 @@
 //
 // Backward kernels, deterministic without atomics:
 //   1. each block takes a fixed range of rows (the split depends on N only, never on the device). For each
-//      row it computes the two row means with block sums, writes d_residual, and adds dL/dy xhat and dL/dy
-//      into per-channel accumulators in shared memory; each channel belongs to one thread, so there are no
-//      races. At the end the block writes its accumulators to its own slice of a scratch buffer:
-//      partials[block][0 .. C) for dweight and partials[block][C .. 2C) for dbias.
+//      row it computes the two row means with one block sum, adds dL/dx to d_residual, and adds dL/dy xhat
+//      and dL/dy into per-channel accumulators; each channel belongs to one thread for all of the block's
+//      rows, so there are no races. At the end the block writes its accumulators to its own slice of a
+//      scratch buffer: partials[block][0 .. C) for dweight and partials[block][C .. 2C) for dbias (nothing
+//      when the norm is frozen and no parameter gradient is wanted).
+//      Rows of up to 1024 vectors of VEC elements (C <= 8192 in bf16 with the fast variant): one thread per
+//      vector, whose weight and accumulators stay in registers. Each thread loads the next row's x, dout
+//      and d_residual before it works on the current row, so that those loads are in flight during the
+//      current row's block sum, and every element is read once. Wider rows: 256 threads, each with several
+//      vectors, the accumulators in shared memory (laid out so that neighbouring threads use neighbouring
+//      banks), and two sweeps per row (the row sums, then dL/dx).
 //   2. a second kernel sums the partials over the blocks in a fixed order and adds the totals to dweight
 //      and dbias (+=).
 #pragma once
@@ -112,21 +119,161 @@ __global__ void residual_norm_forward_kernel(T* residual_out, T* out, float* mea
   }
 }
 
-// Step 1 of the backward pass: rows [blockIdx.x * rows_per_block, ...). Dynamic shared memory: 2 C floats
-// (LayerNorm) or C floats (RMSNorm). partials: [gridDim.x][2 C].
+// VEC consecutive elements of T kept in their storage type (16 bytes for VEC > 1, one element for VEC = 1)
+// and moved with one load: the backward kernel holds the next row in these while it works on the current
+// one, at half the registers of fp32 for bf16.
+template <int VEC, typename T>
+struct Packed {
+  static_assert(VEC == 1 || VEC * sizeof(T) == 16, "one element or one 16-byte vector");
+  alignas(VEC == 1 ? sizeof(T) : 16) T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ void load_packed(Packed<VEC, T>& out, const T* p) {
+  if constexpr (VEC == 1) {
+    out.v[0] = *p;
+  } else {
+    *reinterpret_cast<int4*>(out.v) = *reinterpret_cast<const int4*>(p);
+  }
+}
+
+// The block sums of a (only when kBoth) and b with one barrier. `buf` holds 32 float2; consecutive calls
+// must alternate between two such buffers: a thread can write a buffer again only after passing the
+// barrier of the call in between, which every thread reaches only after it has read this call's values.
+// Deterministic like block_sum: warp shuffles, then the warps in index order. blockDim.x must be a
+// multiple of 32.
+template <bool kBoth>
+__device__ __forceinline__ float2 block_sum_pair(float a, float b, float2* buf) {
+  if constexpr (kBoth) a = warp_sum(a);
+  b = warp_sum(b);
+  if (threadIdx.x % 32 == 0) buf[threadIdx.x / 32] = make_float2(kBoth ? a : 0.0f, b);
+  __syncthreads();
+  float2 total = make_float2(0.0f, 0.0f);
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) {
+    const float2 v = buf[w];
+    if constexpr (kBoth) total.x += v.x;
+    total.y += v.y;
+  }
+  return total;
+}
+
+// Step 1 of the backward pass, rows [blockIdx.x * rows_per_block, ...), for rows of at most 1024 vectors:
+// thread t owns the VEC channels [t VEC, t VEC + VEC) (blockDim.x >= C / VEC; the threads past the row end
+// only join the block sums), holds their weight and their dweight/dbias sums in registers, and loads the
+// next row's x, dout and d_residual (and mean, rstd) before it works on the current row, so that the loads
+// are in flight across the row's block sum. partials: [gridDim.x][2 C] (dweight, then dbias); nullptr
+// when no parameter gradient is wanted.
 template <bool kLayerNorm, int VEC, typename T>
-__global__ void residual_norm_backward_kernel(T* d_residual, float* partials, const T* dout, const T* x,
-                                              const float* mean, const float* rstd, const T* weight, int N,
-                                              int C, int rows_per_block) {
+__global__ void __launch_bounds__(1024)
+    residual_norm_backward_kernel(T* d_residual, float* partials, const T* dout, const T* x,
+                                  const float* mean, const float* rstd, const T* weight, int N, int C,
+                                  int rows_per_block) {
+  __shared__ float2 sums[2][32];
+  const int c = threadIdx.x * VEC;
+  const bool active = c < C;
+  float w[VEC], dw[VEC], db[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) w[k] = dw[k] = db[k] = 0.0f;
+  if (active) load_floats<VEC>(w, weight + c);
+
+  const int row_begin = blockIdx.x * rows_per_block;
+  const int row_end = min(N, row_begin + rows_per_block);
+  Packed<VEC, T> xv{}, dyv{}, drv{};  // the current row's x, dout and d_residual
+  float mu = 0.0f, rs = 0.0f;
+  if (row_begin < row_end) {
+    const size_t offset = static_cast<size_t>(row_begin) * C + c;
+    if (active) {
+      load_packed(xv, x + offset);
+      load_packed(dyv, dout + offset);
+      load_packed(drv, d_residual + offset);
+    }
+    if constexpr (kLayerNorm) mu = mean[row_begin];
+    rs = rstd[row_begin];
+  }
+  for (int row = row_begin; row < row_end; ++row) {
+    // Prefetch the next row (its elements of d_residual are not written before this load).
+    const bool has_next = row + 1 < row_end;
+    Packed<VEC, T> xn = xv, dyn = dyv, drn = drv;
+    float mun = mu, rsn = rs;
+    if (has_next) {
+      const size_t next_offset = static_cast<size_t>(row + 1) * C + c;
+      if (active) {
+        load_packed(xn, x + next_offset);
+        load_packed(dyn, dout + next_offset);
+        load_packed(drn, d_residual + next_offset);
+      }
+      if constexpr (kLayerNorm) mun = mean[row + 1];
+      rsn = rstd[row + 1];
+    }
+
+    // The row sums of g and of g xhat.
+    float sum_g = 0.0f, sum_g_xhat = 0.0f;
+    if (active) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float xhat = (to_float(xv.v[k]) - mu) * rs;
+        const float g = to_float(dyv.v[k]) * w[k];
+        sum_g += g;
+        sum_g_xhat += g * xhat;
+      }
+    }
+    const float2 total = block_sum_pair<kLayerNorm>(sum_g, sum_g_xhat, sums[(row - row_begin) % 2]);
+    const float mean_g = kLayerNorm ? total.x / C : 0.0f;
+    const float mean_g_xhat = total.y / C;
+
+    // d_residual += dL/dx; the parameter-gradient terms go to this thread's registers.
+    if (active) {
+      float dr[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float xhat = (to_float(xv.v[k]) - mu) * rs;
+        const float dy = to_float(dyv.v[k]);
+        const float g = dy * w[k];
+        dr[k] = to_float(drv.v[k]) + rs * (g - mean_g - xhat * mean_g_xhat);
+        dw[k] += dy * xhat;
+        if constexpr (kLayerNorm) db[k] += dy;
+      }
+      store_floats<VEC>(d_residual + static_cast<size_t>(row) * C + c, dr);
+    }
+    xv = xn;
+    dyv = dyn;
+    drv = drn;
+    mu = mun;
+    rs = rsn;
+  }
+
+  if (partials == nullptr || !active) return;
+  float* my_partials = partials + static_cast<size_t>(blockIdx.x) * 2 * C;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    my_partials[c + k] = dw[k];
+    if constexpr (kLayerNorm) my_partials[C + c + k] = db[k];
+  }
+}
+
+// Step 1 for rows of more than 1024 vectors: thread t owns the vectors t, t + blockDim.x, ... (chunk j is
+// vector j blockDim.x + t), and keeps their dweight/dbias sums in dynamic shared memory, C floats each
+// (LayerNorm: 2 C). Chunk j's accumulators are stored element-major, slot base_j + k width_j + t, with
+// width_j the number of threads that have a chunk j, so that neighbouring threads use neighbouring banks
+// and no padding is needed. Two sweeps per row (the row sums, then dx), like the forward pass.
+template <bool kLayerNorm, int VEC, typename T>
+__global__ void residual_norm_backward_wide_kernel(T* d_residual, float* partials, const T* dout, const T* x,
+                                                   const float* mean, const float* rstd, const T* weight,
+                                                   int N, int C, int rows_per_block) {
   extern __shared__ float accumulators[];
-  __shared__ float shared[32];
+  __shared__ float2 sums[2][32];
   float* dw_acc = accumulators;
   float* db_acc = accumulators + C;  // LayerNorm only
-  for (int c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  const int threads = static_cast<int>(blockDim.x);
+  const int vectors = C / VEC;  // C % VEC == 0 when VEC > 1
+  // Chunk j of this thread: vector v = j * threads + threadIdx.x, channels c = v VEC .. v VEC + VEC - 1,
+  // accumulator slots base + k width + threadIdx.x with base = j threads VEC.
+  for (int v = threadIdx.x, base = 0; v < vectors; v += threads, base += threads * VEC) {
+    const int width = min(threads, vectors - (v - static_cast<int>(threadIdx.x)));
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      dw_acc[c + k] = 0.0f;
-      if constexpr (kLayerNorm) db_acc[c + k] = 0.0f;
+      dw_acc[base + k * width + threadIdx.x] = 0.0f;
+      if constexpr (kLayerNorm) db_acc[base + k * width + threadIdx.x] = 0.0f;
     }
   }
 
@@ -139,7 +286,7 @@ __global__ void residual_norm_backward_kernel(T* d_residual, float* partials, co
 
     // Sweep 1: the row sums of g and of g xhat.
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    for (int c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    for (int c = threadIdx.x * VEC; c < C; c += threads * VEC) {
       float xv[VEC], dy[VEC], w[VEC];
       load_floats<VEC>(xv, x + row_offset + c);
       load_floats<VEC>(dy, dout + row_offset + c);
@@ -152,13 +299,14 @@ __global__ void residual_norm_backward_kernel(T* d_residual, float* partials, co
         sum_g_xhat += g * xhat;
       }
     }
-    if constexpr (kLayerNorm) sum_g = block_sum(sum_g, shared);
-    sum_g_xhat = block_sum(sum_g_xhat, shared);
-    const float mean_g = kLayerNorm ? sum_g / C : 0.0f;
-    const float mean_g_xhat = sum_g_xhat / C;
+    const float2 total = block_sum_pair<kLayerNorm>(sum_g, sum_g_xhat, sums[(row - row_begin) % 2]);
+    const float mean_g = kLayerNorm ? total.x / C : 0.0f;
+    const float mean_g_xhat = total.y / C;
 
     // Sweep 2: d_residual += dL/dx; the parameter-gradient terms go to this thread's accumulators.
-    for (int c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+    for (int v = threadIdx.x, base = 0; v < vectors; v += threads, base += threads * VEC) {
+      const int width = min(threads, vectors - (v - static_cast<int>(threadIdx.x)));
+      const int c = v * VEC;
       float xv[VEC], dy[VEC], w[VEC], dr[VEC];
       load_floats<VEC>(xv, x + row_offset + c);
       load_floats<VEC>(dy, dout + row_offset + c);
@@ -169,38 +317,63 @@ __global__ void residual_norm_backward_kernel(T* d_residual, float* partials, co
         const float xhat = (xv[k] - mu) * rs;
         const float g = dy[k] * w[k];
         dr[k] += rs * (g - mean_g - xhat * mean_g_xhat);
-        dw_acc[c + k] += dy[k] * xhat;
-        if constexpr (kLayerNorm) db_acc[c + k] += dy[k];
+        dw_acc[base + k * width + threadIdx.x] += dy[k] * xhat;
+        if constexpr (kLayerNorm) db_acc[base + k * width + threadIdx.x] += dy[k];
       }
       store_floats<VEC>(d_residual + row_offset + c, dr);
     }
   }
 
+  if (partials == nullptr) return;
   float* my_partials = partials + static_cast<size_t>(blockIdx.x) * 2 * C;
-  for (int c = threadIdx.x * VEC; c < C; c += blockDim.x * VEC) {
+  for (int v = threadIdx.x, base = 0; v < vectors; v += threads, base += threads * VEC) {
+    const int width = min(threads, vectors - (v - static_cast<int>(threadIdx.x)));
+    const int c = v * VEC;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      my_partials[c + k] = dw_acc[c + k];
-      if constexpr (kLayerNorm) my_partials[C + c + k] = db_acc[c + k];
+      my_partials[c + k] = dw_acc[base + k * width + threadIdx.x];
+      if constexpr (kLayerNorm) my_partials[C + c + k] = db_acc[base + k * width + threadIdx.x];
     }
   }
 }
 
-// Step 2: dweight[c] += sum over blocks of partials[b][c] (and dbias from partials[b][C + c]). Block
-// (32, 8): thread (tx, ty) sums the blocks b = ty, ty + 8, ... of channel c in increasing b; thread ty = 0
-// then adds the 8 sums in order of ty. The order depends only on the number of blocks.
+// Step 2: dweight[c] += sum over blocks b of partials[b][c] (and dbias from partials[b][C + c]). Block
+// (32, 32): thread (tx, ty) sums the blocks b = ty, ty + 32, ... of channel c = 32 blockIdx.x + tx in
+// increasing b (it issues kBatch loads before adding them, in the same order); thread ty = 0 then adds the
+// 32 sums in order of ty. The order depends only on the number of blocks. Each warp load reads 32
+// consecutive floats of one partials row.
+constexpr int kParamGradRows = 32;
 template <typename T>
-__global__ void norm_param_grad_kernel(T* dweight, T* dbias, const float* partials, int blocks, int C) {
-  __shared__ float s_dw[8][32];
-  __shared__ float s_db[8][32];
+__global__ void __launch_bounds__(32 * kParamGradRows)
+    norm_param_grad_kernel(T* dweight, T* dbias, const float* partials, int blocks, int C) {
+  constexpr int kBatch = 8;
+  __shared__ float s_dw[kParamGradRows][32];
+  __shared__ float s_db[kParamGradRows][32];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int c = blockIdx.x * 32 + tx;
+  const bool want_dw = dweight != nullptr, want_db = dbias != nullptr;
+  const size_t stride = 2 * static_cast<size_t>(C);
   float dw = 0.0f, db = 0.0f;
   if (c < C) {
-    for (int b = ty; b < blocks; b += 8) {
-      const float* p = partials + static_cast<size_t>(b) * 2 * C;
-      dw += p[c];
-      if (dbias != nullptr) db += p[C + c];
+    int b = ty;
+    for (; b + (kBatch - 1) * kParamGradRows < blocks; b += kBatch * kParamGradRows) {
+      float pw[kBatch], pb[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const float* p = partials + static_cast<size_t>(b + i * kParamGradRows) * stride + c;
+        pw[i] = want_dw ? p[0] : 0.0f;
+        pb[i] = want_db ? p[C] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        dw += pw[i];
+        db += pb[i];
+      }
+    }
+    for (; b < blocks; b += kParamGradRows) {
+      const float* p = partials + static_cast<size_t>(b) * stride + c;
+      if (want_dw) dw += p[0];
+      if (want_db) db += p[C];
     }
   }
   s_dw[ty][tx] = dw;
@@ -208,12 +381,12 @@ __global__ void norm_param_grad_kernel(T* dweight, T* dbias, const float* partia
   __syncthreads();
   if (ty != 0 || c >= C) return;
   float total_dw = 0.0f, total_db = 0.0f;
-  for (int k = 0; k < 8; ++k) {
+  for (int k = 0; k < kParamGradRows; ++k) {
     total_dw += s_dw[k][tx];
     total_db += s_db[k][tx];
   }
-  if (dweight != nullptr) dweight[c] = from_float<T>(to_float(dweight[c]) + total_dw);
-  if (dbias != nullptr) dbias[c] = from_float<T>(to_float(dbias[c]) + total_db);
+  if (want_dw) dweight[c] = from_float<T>(to_float(dweight[c]) + total_dw);
+  if (want_db) dbias[c] = from_float<T>(to_float(dbias[c]) + total_db);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -263,14 +436,25 @@ void forward(const char* name, T* residual_out, T* out, float* mean, float* rstd
   CUDA_CHECK_LAUNCH();
 }
 
+// The widest row, in vectors, that residual_norm_backward_kernel takes (one vector per thread).
+constexpr int kMaxRegisterRowVectors = 1024;
+
 template <bool kLayerNorm, int VEC, typename T>
 void launch_backward_rows(T* d_residual, float* partials, const T* dout, const T* x, const float* mean,
                           const float* rstd, const T* weight, int N, int C, BackwardSplit split,
                           cudaStream_t stream) {
+  const int vectors = ceil_div(C, VEC);
+  if (vectors <= kMaxRegisterRowVectors) {
+    const int threads = ceil_div(vectors, 32) * 32;
+    residual_norm_backward_kernel<kLayerNorm, VEC, T><<<split.blocks, threads, 0, stream>>>(
+        d_residual, partials, dout, x, mean, rstd, weight, N, C, split.rows_per_block);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
   const size_t smem = static_cast<size_t>(kLayerNorm ? 2 : 1) * C * sizeof(float);
-  auto kernel = residual_norm_backward_kernel<kLayerNorm, VEC, T>;
-  // The kernel's static `shared[32]` counts against the same 48 KiB default (e.g. RMSNorm at C = 12288).
-  constexpr size_t kStaticSmem = 32 * sizeof(float);
+  auto kernel = residual_norm_backward_wide_kernel<kLayerNorm, VEC, T>;
+  // The kernel's static `sums` counts against the same 48 KiB default (e.g. RMSNorm at C = 12288).
+  constexpr size_t kStaticSmem = 2 * 32 * sizeof(float2);
   if (smem + kStaticSmem > 48 * 1024) {
     // Above 48 KiB a kernel must opt in to more dynamic shared memory (up to 227 KiB on H100).
     CUDA_CHECK(
@@ -294,19 +478,22 @@ void backward(const char* name, T* d_residual, T* dweight, T* dbias, float* scra
                                 " floats, needs " + std::to_string(needed) +
                                 " (norm_backward_scratch_floats)");
   }
+  // A frozen norm (LoRA) wants dx only: step 1 writes no partials and step 2 does not run.
+  const bool param_grads = dweight != nullptr || (kLayerNorm && dbias != nullptr);
+  float* partials = param_grads ? scratch : nullptr;
   constexpr int VF = vec16<T>();
   const bool aligned =
       C % VF == 0 && aligned16(d_residual) && aligned16(dout) && aligned16(x) && aligned16(weight);
   if (use_fast_variant(variant, aligned, name)) {
-    launch_backward_rows<kLayerNorm, VF>(d_residual, scratch, dout, x, mean, rstd, weight, N, C, split,
+    launch_backward_rows<kLayerNorm, VF>(d_residual, partials, dout, x, mean, rstd, weight, N, C, split,
                                          stream);
   } else {
-    launch_backward_rows<kLayerNorm, 1>(d_residual, scratch, dout, x, mean, rstd, weight, N, C, split,
+    launch_backward_rows<kLayerNorm, 1>(d_residual, partials, dout, x, mean, rstd, weight, N, C, split,
                                         stream);
   }
-  if (dweight == nullptr && (!kLayerNorm || dbias == nullptr)) return;  // frozen norm (LoRA): dx only
-  norm_param_grad_kernel<<<ceil_div(C, 32), dim3(32, 8), 0, stream>>>(dweight, kLayerNorm ? dbias : nullptr,
-                                                                      scratch, split.blocks, C);
+  if (!param_grads) return;
+  norm_param_grad_kernel<<<ceil_div(C, 32), dim3(32, kParamGradRows), 0, stream>>>(
+      dweight, kLayerNorm ? dbias : nullptr, scratch, split.blocks, C);
   CUDA_CHECK_LAUNCH();
 }
 

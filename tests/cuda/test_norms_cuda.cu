@@ -1,8 +1,8 @@
 // CUDA LayerNorm / RMSNorm fused with the residual add (kernels/norms.cuh) against the CPU reference
 // (kernels/cpu/norms.h): forward (residual sum, output, mean, rstd), backward (d_residual accumulates,
 // dweight/dbias accumulate), with and without a branch and a bias, odd sizes, both variants, both storage
-// types, several rows per backward block, a row too long for the default shared memory, and bitwise
-// determinism of the parameter gradients.
+// types, several rows per backward block, both backward kernels (rows of up to 1024 vectors, and wider
+// rows), a row too long for the default shared memory, and bitwise determinism of the parameter gradients.
 #include <gtest/gtest.h>
 
 #include <stdexcept>
@@ -254,6 +254,17 @@ void check_backward_all() {
     // 9000 rows: 1000 blocks of 9 rows each (the row split caps the block count at 1024).
     check_backward<T>(norm, 9000, 40, KernelVariant::kAuto);
     check_backward<T>(norm, 1, 16, KernelVariant::kFast);
+    // The widest rows of the register kernel (1024 vectors, one per thread of a 1024-thread block) and the
+    // narrowest of the shared-memory kernel (1025 vectors: its last chunk has one thread). 19 rows: blocks
+    // of 7, 7 and 5 rows.
+    constexpr int kVec = llm::cuda::vec16<T>();
+    check_backward<T>(norm, 19, 1024 * kVec, KernelVariant::kFast);
+    check_backward<T>(norm, 19, 1025 * kVec, KernelVariant::kFast);
+    check_backward<T>(norm, 19, 1024, KernelVariant::kClear);
+    check_backward<T>(norm, 19, 1025, KernelVariant::kClear);
+    // The shared-memory kernel with several chunks per thread and a partial last chunk.
+    check_backward<T>(norm, 19, 2600 * kVec, KernelVariant::kFast);
+    check_backward<T>(norm, 19, 2600, KernelVariant::kClear);
   }
 }
 
@@ -290,34 +301,43 @@ TEST(CudaNorms, WideRowsUseMoreSharedMemory) {
 }
 
 // A frozen norm (LoRA) passes null weight and bias gradients: dx is the same as with them, bit for bit.
+void check_frozen_norm(Norm norm, int N, int C, KernelVariant variant) {
+  const BackwardInputs in = make_backward_inputs<float>(norm, N, C);
+  const BackwardResult<float> with_grads = run_backward<float>(norm, in, N, C, variant);
+  const size_t NC = static_cast<size_t>(N) * C;
+  DeviceBuffer<float> d_x(NC), d_dout(NC), d_weight(C), d_residual(NC), d_mean(N), d_rstd(N);
+  const size_t scratch_floats = llm::cuda::norm_backward_scratch_floats(N, C);
+  DeviceBuffer<float> d_scratch(scratch_floats);
+  d_x.upload(in.x);
+  d_dout.upload(in.dout);
+  d_weight.upload(in.weight);
+  d_residual.upload(in.d_residual0);
+  d_mean.upload(in.mean);
+  d_rstd.upload(in.rstd);
+  if (norm == Norm::kRmsNorm) {
+    llm::cuda::residual_rmsnorm_backward(d_residual.get(), static_cast<float*>(nullptr), d_scratch.get(),
+                                         scratch_floats, d_dout.get(), d_x.get(), d_rstd.get(),
+                                         d_weight.get(), N, C, nullptr, variant);
+  } else {
+    llm::cuda::residual_layernorm_backward(d_residual.get(), static_cast<float*>(nullptr),
+                                           static_cast<float*>(nullptr), d_scratch.get(), scratch_floats,
+                                           d_dout.get(), d_x.get(), d_mean.get(), d_rstd.get(),
+                                           d_weight.get(), N, C, nullptr, variant);
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(d_residual.download(), with_grads.d_residual)
+      << describe(norm, "float", variant, N, C) << ": frozen norm";
+}
+
+// Both variants of both backward kernels: C = 72 (rows of up to 1024 vectors), 1032 (clear) and 4104
+// (fast, 1026 vectors of 4 floats): wider rows.
 TEST(CudaNorms, FrozenNormComputesTheSameInputGradient) {
   SKIP_WITHOUT_GPU();
-  const int N = 37, C = 72;
   for (Norm norm : kNorms) {
-    const BackwardInputs in = make_backward_inputs<float>(norm, N, C);
-    const BackwardResult<float> with_grads = run_backward<float>(norm, in, N, C, KernelVariant::kClear);
-    const size_t NC = static_cast<size_t>(N) * C;
-    DeviceBuffer<float> d_x(NC), d_dout(NC), d_weight(C), d_residual(NC), d_mean(N), d_rstd(N);
-    const size_t scratch_floats = llm::cuda::norm_backward_scratch_floats(N, C);
-    DeviceBuffer<float> d_scratch(scratch_floats);
-    d_x.upload(in.x);
-    d_dout.upload(in.dout);
-    d_weight.upload(in.weight);
-    d_residual.upload(in.d_residual0);
-    d_mean.upload(in.mean);
-    d_rstd.upload(in.rstd);
-    if (norm == Norm::kRmsNorm) {
-      llm::cuda::residual_rmsnorm_backward(d_residual.get(), static_cast<float*>(nullptr), d_scratch.get(),
-                                           scratch_floats, d_dout.get(), d_x.get(), d_rstd.get(),
-                                           d_weight.get(), N, C, nullptr, KernelVariant::kClear);
-    } else {
-      llm::cuda::residual_layernorm_backward(d_residual.get(), static_cast<float*>(nullptr),
-                                             static_cast<float*>(nullptr), d_scratch.get(), scratch_floats,
-                                             d_dout.get(), d_x.get(), d_mean.get(), d_rstd.get(),
-                                             d_weight.get(), N, C, nullptr, KernelVariant::kClear);
-    }
-    CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(d_residual.download(), with_grads.d_residual) << static_cast<int>(norm);
+    check_frozen_norm(norm, 37, 72, KernelVariant::kClear);
+    check_frozen_norm(norm, 37, 72, KernelVariant::kFast);
+    check_frozen_norm(norm, 37, 1032, KernelVariant::kClear);
+    check_frozen_norm(norm, 37, 4104, KernelVariant::kFast);
   }
 }
 
