@@ -168,15 +168,17 @@ TEST(CudaEmbedding, BackwardIsDeterministicWithManyRepeats) {
   EXPECT_TRUE(first == want) << "not bitwise equal to the reference";
 }
 
-// A real vocabulary and batch: more tokens than CUB's single-tile sort holds (256 x 19 = 4864 items on
-// sm_80/sm_90), so the multi-tile onesweep sort runs, with 18 key bits (3 passes of 8, which use CUB's
-// extra key and value buffers); and a scratch sized for a larger planned batch than the call's (a short
-// last batch), which must still be accepted (CUB's temporary storage does not shrink below the plan's).
+// A real vocabulary and both sorts: up to 65536 tokens the counting sort, above it CUB's radix sort, here
+// with more tokens than its single-tile sort holds (256 x 19 = 4864 items on sm_80/sm_90), so the
+// multi-tile onesweep sort runs, with 18 key bits (3 passes of 8, which use CUB's extra key and value
+// buffers). The scratch is sized for the largest (planned) batch, which the shorter batches (a short last
+// batch) must still accept: CUB's temporary storage does not shrink below the plan's, and the counting
+// sort's scratch is smaller than the radix sort's.
 TEST(CudaEmbedding, LargeVocabularyAndShorterBatchThanPlanned) {
   SKIP_WITHOUT_GPU();
-  const int V = 151936, C = 8, planned = 16384;
+  const int V = 151936, C = 8, planned = 70001;
   const std::vector<float> dtable0 = random_floats(static_cast<size_t>(V) * C, 66);
-  for (int N : {planned, 6001, 1000}) {
+  for (int N : {planned, 65536, 16384, 6001, 1000}) {
     std::vector<int32_t> tokens = random_ints(N, 67 + static_cast<uint32_t>(N), 0, V - 1);
     for (int n = 0; n < N; n += 3) tokens[n] = 1234;  // one long run among many short ones
     const std::vector<float> dout = random_floats(static_cast<size_t>(N) * C, 68);
@@ -187,6 +189,46 @@ TEST(CudaEmbedding, LargeVocabularyAndShorterBatchThanPlanned) {
     EXPECT_TRUE(got == want) << "N=" << N << " (scratch for " << planned
                              << "): not bitwise equal to the reference";
   }
+}
+
+// The run kernel's edge cases at once: many distinct ids (most runs of length 1), one id repeated 3000
+// times (its run spans many blocks' tiles and several chunks of the block that continues it), a few invalid
+// ids (sorted after every valid one), N not a multiple of the tile, and C over several channel slices with
+// a partly filled last one. Equal to the reference (bitwise for fp32), fast equal to clear, run to run.
+template <typename T>
+void check_long_run_among_many() {
+  const int N = 12001, C = 2056, V = 6000, kHot = 4321;
+  std::vector<int32_t> tokens = random_ints(N, 71, 0, V - 1);
+  const std::vector<int32_t> pick = random_ints(N, 72, 0, 999);
+  for (int n = 0; n < N; ++n) {
+    if (pick[n] < 250) tokens[n] = kHot;                          // ~3000 repeats
+    if (pick[n] == 999) tokens[n] = n % 2 == 0 ? -3 : V + n % 5;  // ~12 invalid ids
+  }
+  const std::vector<float> dtable0 = round_to<T>(random_floats(static_cast<size_t>(V) * C, 73));
+  const std::vector<float> dout = round_to<T>(random_floats(static_cast<size_t>(N) * C, 74));
+  std::vector<float> want = dtable0;
+  for (int n = 0; n < N; ++n) {
+    if (tokens[n] < 0 || tokens[n] >= V) continue;
+    for (int c = 0; c < C; ++c)
+      want[static_cast<size_t>(tokens[n]) * C + c] += dout[static_cast<size_t>(n) * C + c];
+  }
+  const std::vector<T> fast = run_backward<T>(dtable0, dout, tokens, N, C, V, KernelVariant::kFast);
+  const std::vector<T> clear = run_backward<T>(dtable0, dout, tokens, N, C, V, KernelVariant::kClear);
+  const std::vector<T> again = run_backward<T>(dtable0, dout, tokens, N, C, V, KernelVariant::kFast);
+  const std::string what = std::string("embedding backward long run among many ") + type_name<T>();
+  const std::vector<float> got = to_floats(fast);
+  expect_relative_error(what, got, want, tolerance<T>());
+  if constexpr (std::is_same_v<T, float>) {
+    EXPECT_TRUE(got == want) << what << ": not bitwise equal to the reference";
+  }
+  EXPECT_TRUE(bitwise_equal(fast, clear)) << what << ": fast and clear differ";
+  EXPECT_TRUE(bitwise_equal(fast, again)) << what << ": two runs differ";
+}
+
+TEST(CudaEmbedding, LongRunAmongManyDistinctIds) {
+  SKIP_WITHOUT_GPU();
+  check_long_run_among_many<float>();
+  check_long_run_among_many<__nv_bfloat16>();
 }
 
 TEST(CudaEmbedding, InvalidIdsGiveNanRowsAndNoGradient) {
