@@ -81,7 +81,8 @@ struct MmaLayout {
   static constexpr int kLd = D + 8;  // bf16 row stride of a [64][D] tile (16 bytes of padding)
   static constexpr int kTileElems = kMmaTile * kLd;
   static constexpr size_t kTileBytes = static_cast<size_t>(kTileElems) * sizeof(bf16);
-  static constexpr size_t kFwdBytes = 5 * kTileBytes;  // Q, 2 x K, 2 x V
+  static constexpr size_t kFwdBytes = 5 * kTileBytes;         // 2 x K, 2 x V, Q
+  static constexpr size_t kFwdCompactBytes = 4 * kTileBytes;  // 2 x K, 2 x V (Q staged in a V buffer)
   static constexpr size_t kBwdBytes = 6 * kTileBytes;  // dK/dV: K, V, 2 x (Q, dO); dQ: Q, dO, 2 x (K, V)
   static_assert(kTileBytes % 128 == 0, "tiles stay 128-byte aligned");
 };
@@ -244,14 +245,18 @@ __device__ __forceinline__ void warp_store_rows(bf16* dst, size_t row_stride, in
 // Forward
 // ============================================================================================================
 
-template <int D, bool kDropout>
-__global__ void __launch_bounds__(kMmaThreads)
+// kMinBlocks > 1 asks ptxas for that many resident blocks per SM (fewer registers each) and selects the
+// compact shared-memory layout: Q is staged in the second V buffer, read into registers before the loop,
+// and the block holds 4 tiles instead of 5. The arithmetic is the same in both forms.
+template <int D, bool kDropout, int kMinBlocks>
+__global__ void __launch_bounds__(kMmaThreads, kMinBlocks)
     fwd_mma_kernel(bf16* out, float* lse, const bf16* q, const bf16* k, const bf16* v, AttentionParams p) {
   using L = MmaLayout<D>;
   constexpr int kLd = L::kLd, Bc = kMmaTile;
-  bf16* Qs = reinterpret_cast<bf16*>(attn_mma_smem);
-  bf16* const Ks0 = Qs + L::kTileElems;      // K tiles at Ks0 + buf * kTileElems, buf in {0, 1}
-  bf16* const Vs0 = Qs + 3 * L::kTileElems;  // V tiles likewise
+  constexpr bool kCompact = kMinBlocks > 1;
+  bf16* const Ks0 = reinterpret_cast<bf16*>(attn_mma_smem);  // K tiles at Ks0 + buf * kTileElems
+  bf16* const Vs0 = Ks0 + 2 * L::kTileElems;                 // V tiles likewise
+  bf16* const Qs = kCompact ? Vs0 + L::kTileElems : Ks0 + 4 * L::kTileElems;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kMmaTile, h = blockIdx.y, b = blockIdx.z, g = h / p.group;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
   const int w0 = warp * 16, row_i[2] = {q0 + w0 + gid, q0 + w0 + gid + 8};
@@ -267,7 +272,14 @@ __global__ void __launch_bounds__(kMmaThreads)
   async_load_tile<D>(Vs0, v_head, kv_stride, kt_begin * Bc, p.T);
   cp_async_commit();
 
+  // This warp's 16 rows of Q, as A fragments for the whole loop.
   uint32_t qf[D / 16][4];
+  cp_async_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], Qs, kLd, w0, kk * 16);
+  if constexpr (kCompact) __syncthreads();  // every warp holds its Q before the V buffer is reused
+
   float o[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f;
@@ -281,10 +293,6 @@ __global__ void __launch_bounds__(kMmaThreads)
       async_load_tile<D>((Ks0 + (buf ^ 1) * L::kTileElems), k_head, kv_stride, k0 + Bc, p.T);
       async_load_tile<D>((Vs0 + (buf ^ 1) * L::kTileElems), v_head, kv_stride, k0 + Bc, p.T);
       cp_async_commit();
-    }
-    if (kt == kt_begin) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], Qs, kLd, w0, kk * 16);
     }
 
     // S = Q K^T (raw dot products) for this warp's 16 rows.
@@ -362,6 +370,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     inv_l[r] = valid ? 1.0f / l_run[r] : 0.0f;
     if (valid && tig == 0) lse[attn_row_index(p, b, h, row_i[r])] = (m_run[r] + log2f(l_run[r])) * kLn2;
   }
+  if constexpr (kCompact) __syncthreads();  // Qs is a V buffer: other warps may still read it
   warp_store_rows<D>(out + attn_q_offset(p, b, 0, h), q_stride, q0 + w0, p.T, o, inv_l[0], inv_l[1],
                      Qs + w0 * kLd);
 }
@@ -559,14 +568,15 @@ __global__ void __launch_bounds__(kMmaThreads)
 // ---- launchers ---------------------------------------------------------------------------------------
 
 // The kernels are compiled with and without dropout so that the Philox code stays out of the common path.
-template <int D, bool kDropout>
+template <int D, bool kDropout, int kMinBlocks = 1>
 void forward_mma_launch(const AttentionParams& p, bf16* out, float* lse, const bf16* q, const bf16* k,
                         const bf16* v, cudaStream_t stream) {
-  constexpr size_t smem = MmaLayout<D>::kFwdBytes;
-  CUDA_CHECK(cudaFuncSetAttribute(fwd_mma_kernel<D, kDropout>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)));
+  constexpr size_t smem = kMinBlocks > 1 ? MmaLayout<D>::kFwdCompactBytes : MmaLayout<D>::kFwdBytes;
+  auto kernel = fwd_mma_kernel<D, kDropout, kMinBlocks>;
+  CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(ceil_div(p.T, kMmaTile), p.Hq, p.B);
-  fwd_mma_kernel<D, kDropout><<<grid, kMmaThreads, smem, stream>>>(out, lse, q, k, v, p);
+  kernel<<<grid, kMmaThreads, smem, stream>>>(out, lse, q, k, v, p);
   CUDA_CHECK_LAUNCH();
 }
 

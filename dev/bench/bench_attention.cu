@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -174,6 +175,38 @@ int main(int argc, char** argv) {
   }
   std::printf("\nfloor at the cuBLAS rate: fwd %.3f ms, bwd %.3f ms (FLOPs / measured GEMM rate)\n",
               fwd_flops / (gemm_tflops * 1e12) * 1e3, bwd_flops / (gemm_tflops * 1e12) * 1e3);
+
+  // Forward occupancy variants of the mma.sync kernel (launch bounds and the compact shared-memory layout,
+  // see fwd_mma_kernel). They do the same arithmetic, so their outputs must equal the default's bit for bit.
+  {
+    namespace fd = llm::cuda::attention_flash_detail;
+    llm::cuda::AttentionOptions opt;
+    opt.causal = true;
+    const llm::cuda::AttentionParams params = llm::cuda::make_attention_params(shape, opt);
+    std::vector<__nv_bfloat16> want(n), got(n);
+    std::vector<float> want_lse(stats), got_lse(stats);
+    fd::forward_mma_launch<D, false, 1>(params, out, lse, q, k, v, nullptr);
+    CUDA_CHECK(cudaMemcpy(want.data(), out, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(want_lse.data(), lse, stats * sizeof(float), cudaMemcpyDeviceToHost));
+    auto variant = [&](const char* name, auto launch) {
+      CUDA_CHECK(cudaMemset(out, 0xff, n * sizeof(__nv_bfloat16)));
+      launch();
+      CUDA_CHECK(cudaMemcpy(got.data(), out, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+      CUDA_CHECK(cudaMemcpy(got_lse.data(), lse, stats * sizeof(float), cudaMemcpyDeviceToHost));
+      const bool same = std::memcmp(got.data(), want.data(), n * sizeof(__nv_bfloat16)) == 0 &&
+                        std::memcmp(got_lse.data(), want_lse.data(), stats * sizeof(float)) == 0;
+      const double ms = time_ms(launch, 2, 20);
+      std::printf("variant fwd mma %-28s %9.3f ms %9.1f TF/s  %s\n", name, ms, fwd_flops / (ms * 1e-3) / 1e12,
+                  same ? "bitwise equal to the default" : "DIFFERS FROM THE DEFAULT");
+    };
+    std::printf("\n");
+    variant("1 block/SM bound, 5 tiles",
+            [&] { fd::forward_mma_launch<D, false, 1>(params, out, lse, q, k, v, nullptr); });
+    variant("2 blocks/SM, compact",
+            [&] { fd::forward_mma_launch<D, false, 2>(params, out, lse, q, k, v, nullptr); });
+    variant("3 blocks/SM, compact",
+            [&] { fd::forward_mma_launch<D, false, 3>(params, out, lse, q, k, v, nullptr); });
+  }
 
   std::printf("%s", summary.c_str());  // lines starting with "summary:" go into dev/gpu/check.sh's table
 

@@ -466,6 +466,69 @@ TEST(AttentionFlashCuda, AutoIsMmaForBf16) {
   EXPECT_EQ(0, std::memcmp(automatic.dq.data(), mma.dq.data(), mma.dq.size() * sizeof(float)));
 }
 
+// The forward's occupancy variants (compact shared-memory layout, fewer registers; see fwd_mma_kernel) do
+// the same arithmetic as the default, so they must give the same bits on every feature.
+template <int D, int kMinBlocks>
+void expect_forward_variant_equal(const Case& c) {
+  namespace fd = llm::cuda::attention_flash_detail;
+  SCOPED_TRACE(describe(c) + " min blocks " + std::to_string(kMinBlocks));
+  const Problem pb = make_problem<bf16>(c, 77);
+  DeviceBuffer<bf16> q(pb.q.size()), k(pb.k.size()), v(pb.v.size()), out(pb.q.size());
+  q.upload(llm::test::from_floats<bf16>(pb.q));
+  k.upload(llm::test::from_floats<bf16>(pb.k));
+  v.upload(llm::test::from_floats<bf16>(pb.v));
+  DeviceBuffer<int32_t> doc_ids(pb.doc_ids.size());
+  if (c.docs) doc_ids.upload(pb.doc_ids);
+  DeviceBuffer<float> slopes(pb.slopes.size());
+  if (c.alibi) slopes.upload(pb.slopes);
+  llm::cuda::AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.sliding_window = c.window;
+  opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
+  opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
+  opt.dropout = c.dropout;
+  opt.seed = 0x5eed1234abcdull;
+  opt.stream = 7;
+  const llm::cuda::AttentionParams p = llm::cuda::make_attention_params({c.B, c.T, c.Hq, c.Hkv, c.D}, opt);
+  DeviceBuffer<float> lse(llm::cuda::attention_flash_stats_elems({c.B, c.T, c.Hq, c.Hkv, c.D}));
+  auto run = [&](auto launch) {
+    out.poison();
+    lse.poison();
+    launch();
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return std::make_pair(llm::test::to_floats(out.download()), lse.download());
+  };
+  const auto want = run([&] {
+    if (c.dropout > 0.0f) {
+      fd::forward_mma_launch<D, true, 1>(p, out.get(), lse.get(), q.get(), k.get(), v.get(), nullptr);
+    } else {
+      fd::forward_mma_launch<D, false, 1>(p, out.get(), lse.get(), q.get(), k.get(), v.get(), nullptr);
+    }
+  });
+  const auto got = run([&] {
+    if (c.dropout > 0.0f) {
+      fd::forward_mma_launch<D, true, kMinBlocks>(p, out.get(), lse.get(), q.get(), k.get(), v.get(),
+                                                  nullptr);
+    } else {
+      fd::forward_mma_launch<D, false, kMinBlocks>(p, out.get(), lse.get(), q.get(), k.get(), v.get(),
+                                                   nullptr);
+    }
+  });
+  expect_relative_error("variant out vs the CPU", got.first, pb.out, 2e-2);
+  EXPECT_EQ(0, std::memcmp(got.first.data(), want.first.data(), want.first.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(got.second.data(), want.second.data(), want.second.size() * sizeof(float)));
+}
+
+TEST(AttentionFlashCuda, MmaForwardVariantsEqualTheDefault) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : feature_sweep(64)) expect_forward_variant_equal<64, 3>(c);
+  for (const Case& c : feature_sweep(128)) {
+    expect_forward_variant_equal<128, 2>(c);
+    expect_forward_variant_equal<128, 3>(c);
+  }
+  expect_forward_variant_equal<128, 3>(gqa(300, 128));
+}
+
 // The fast kernels against the readable WMMA kernels and the fp32 fused kernels on the same bf16 inputs,
 // long enough (T = 520, 9 tiles) for interior tiles, double buffering and, with GQA, the head loop.
 TEST(AttentionFlashCuda, MmaMatchesWmmaAndFma) {
