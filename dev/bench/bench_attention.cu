@@ -208,6 +208,37 @@ int main(int argc, char** argv) {
             [&] { fd::forward_mma_launch<D, false, 3>(params, out, lse, q, k, v, nullptr); });
   }
 
+  // Backward variants of the dQ kernel (32-key tiles, launch bounds); dK/dV is the same kernel in each.
+  {
+    namespace fd = llm::cuda::attention_flash_detail;
+    llm::cuda::AttentionOptions opt;
+    opt.causal = true;
+    const llm::cuda::AttentionParams params = llm::cuda::make_attention_params(shape, opt);
+    llm::cuda::attention_flash_forward(out, lse, q, k, v, shape, opt, nullptr);
+    fd::delta_pass<__nv_bfloat16>(params, delta, dout, out, nullptr);
+    std::vector<__nv_bfloat16> want(n), got(n);
+    fd::backward_mma_launch<D, false>(params, dq, dk, dv, delta, dout, q, k, v, lse, nullptr);
+    CUDA_CHECK(cudaMemcpy(want.data(), dq, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+    auto variant = [&](const char* name, auto launch) {
+      CUDA_CHECK(cudaMemset(dq, 0xff, n * sizeof(__nv_bfloat16)));
+      launch();
+      CUDA_CHECK(cudaMemcpy(got.data(), dq, n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+      const bool same = std::memcmp(got.data(), want.data(), n * sizeof(__nv_bfloat16)) == 0;
+      const double ms = time_ms(launch, 2, 20);
+      std::printf("variant bwd mma %-28s %9.3f ms %9.1f TF/s  %s\n", name, ms, bwd_flops / (ms * 1e-3) / 1e12,
+                  same ? "dq bitwise equal to the default" : "DQ DIFFERS FROM THE DEFAULT");
+    };
+    variant("dq 64 keys, 1 block/SM bound", [&] {
+      fd::backward_mma_launch<D, false, 64, 1>(params, dq, dk, dv, delta, dout, q, k, v, lse, nullptr);
+    });
+    variant("dq 32 keys, 2 blocks/SM", [&] {
+      fd::backward_mma_launch<D, false, 32, 2>(params, dq, dk, dv, delta, dout, q, k, v, lse, nullptr);
+    });
+    variant("dq 32 keys, 3 blocks/SM", [&] {
+      fd::backward_mma_launch<D, false, 32, 3>(params, dq, dk, dv, delta, dout, q, k, v, lse, nullptr);
+    });
+  }
+
   std::printf("%s", summary.c_str());  // lines starting with "summary:" go into dev/gpu/check.sh's table
 
   for (__nv_bfloat16* p : {q, k, v, out, dout, dq, dk, dv}) CUDA_CHECK(cudaFree(p));

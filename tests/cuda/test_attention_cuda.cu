@@ -529,6 +529,73 @@ TEST(AttentionFlashCuda, MmaForwardVariantsEqualTheDefault) {
   expect_forward_variant_equal<128, 3>(gqa(300, 128));
 }
 
+// The dQ kernel's occupancy variants (32-key tiles, launch bounds) against the default backward, bit for
+// bit; dK and dV come from the same kernel in both runs.
+template <int D, int kKeys, int kMinBlocks>
+void expect_backward_variant_equal(const Case& c) {
+  namespace fd = llm::cuda::attention_flash_detail;
+  SCOPED_TRACE(describe(c) + " dq keys " + std::to_string(kKeys) + " min blocks " +
+               std::to_string(kMinBlocks));
+  const Problem pb = make_problem<bf16>(c, 78);
+  const GpuResult want = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kMma);
+  DeviceBuffer<bf16> q(pb.q.size()), k(pb.k.size()), v(pb.v.size()), out(pb.q.size()), dout(pb.dout.size());
+  q.upload(llm::test::from_floats<bf16>(pb.q));
+  k.upload(llm::test::from_floats<bf16>(pb.k));
+  v.upload(llm::test::from_floats<bf16>(pb.v));
+  dout.upload(llm::test::from_floats<bf16>(pb.dout));
+  DeviceBuffer<bf16> dq(pb.q.size()), dk(pb.k.size()), dv(pb.v.size());
+  dq.poison();
+  dk.poison();
+  dv.poison();
+  DeviceBuffer<int32_t> doc_ids(pb.doc_ids.size());
+  if (c.docs) doc_ids.upload(pb.doc_ids);
+  DeviceBuffer<float> slopes(pb.slopes.size());
+  if (c.alibi) slopes.upload(pb.slopes);
+  llm::cuda::AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.sliding_window = c.window;
+  opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
+  opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
+  opt.dropout = c.dropout;
+  opt.seed = 0x5eed1234abcdull;
+  opt.stream = 7;
+  opt.kernel = AttentionKernel::kMma;
+  const llm::cuda::AttentionShape shape{c.B, c.T, c.Hq, c.Hkv, c.D};
+  const llm::cuda::AttentionParams p = llm::cuda::make_attention_params(shape, opt);
+  DeviceBuffer<float> lse(llm::cuda::attention_flash_stats_elems(shape)),
+      delta(llm::cuda::attention_flash_stats_elems(shape));
+  llm::cuda::attention_flash_forward<bf16>(out.get(), lse.get(), q.get(), k.get(), v.get(), shape, opt,
+                                           nullptr);
+  fd::delta_pass<bf16>(p, delta.get(), dout.get(), out.get(), nullptr);
+  if (c.dropout > 0.0f) {
+    fd::backward_mma_launch<D, true, kKeys, kMinBlocks>(p, dq.get(), dk.get(), dv.get(), delta.get(),
+                                                        dout.get(), q.get(), k.get(), v.get(), lse.get(),
+                                                        nullptr);
+  } else {
+    fd::backward_mma_launch<D, false, kKeys, kMinBlocks>(p, dq.get(), dk.get(), dv.get(), delta.get(),
+                                                         dout.get(), q.get(), k.get(), v.get(), lse.get(),
+                                                         nullptr);
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got_dq = llm::test::to_floats(dq.download());
+  expect_gradient("variant dq vs the CPU", got_dq, pb.dq, 2e-2);
+  EXPECT_EQ(0, std::memcmp(got_dq.data(), want.dq.data(), want.dq.size() * sizeof(float)));
+  const std::vector<float> got_dk = llm::test::to_floats(dk.download()),
+                           got_dv = llm::test::to_floats(dv.download());
+  EXPECT_EQ(0, std::memcmp(got_dk.data(), want.dk.data(), want.dk.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(got_dv.data(), want.dv.data(), want.dv.size() * sizeof(float)));
+}
+
+TEST(AttentionFlashCuda, MmaBackwardVariantsEqualTheDefault) {
+  SKIP_WITHOUT_GPU();
+  for (const Case& c : feature_sweep(64)) expect_backward_variant_equal<64, 32, 4>(c);
+  for (const Case& c : feature_sweep(128)) {
+    expect_backward_variant_equal<128, 32, 2>(c);
+    expect_backward_variant_equal<128, 32, 3>(c);
+  }
+  expect_backward_variant_equal<128, 32, 3>(gqa(300, 128));
+}
+
 // The fast kernels against the readable WMMA kernels and the fp32 fused kernels on the same bf16 inputs,
 // long enough (T = 520, 9 tiles) for interior tiles, double buffering and, with GQA, the head loop.
 TEST(AttentionFlashCuda, MmaMatchesWmmaAndFma) {
