@@ -51,6 +51,12 @@
 //             the 2 x 64 accumulator registers.
 //   dQ        grid (query tiles, Hq, B), heaviest first. Warp w owns 16 query rows, recomputes S and dA,
 //             forms dS and accumulates dQ += (c dS) K. K and V tiles are double buffered.
+// Occupancy. With 4 warps a block cannot keep the tensor cores busy through its own softmax and barriers,
+// so for D = 128 the forward and dQ kernels come in variants that fit 3 blocks on an SM: the forward
+// stages Q in the second V buffer (4 tiles of shared memory instead of 5) and asks for <= 168 registers;
+// dQ takes 32-key tiles (half the S, dA registers and K, V buffers). Both do the same products in the
+// same order, so their results equal the 64-key, 1-block forms bit for bit (tested). dK/dV holds two
+// D-wide accumulators and stays at 2 blocks.
 // Requirements: bf16 storage, D in {64, 128}, 16-byte aligned tensors (checked by the dispatcher).
 #pragma once
 
@@ -621,10 +627,13 @@ template <int D>
 void backward_mma(const AttentionParams& p, bf16* dq, bf16* dk, bf16* dv, const float* delta,
                   const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* lse,
                   cudaStream_t stream) {
+  // D = 128: dQ with 32-key tiles and 3 blocks per SM, backward 2.891 against 3.027 ms on an H200 (causal,
+  // T = 2048; dev/bench/bench_attention.cu), the same bits (MmaBackwardVariantsEqualTheDefault).
+  constexpr int kDqKeys = D == 128 ? 32 : kMmaTile, kDqMinBlocks = D == 128 ? 3 : 1;
   if (p.dropout > 0.0f) {
-    backward_mma_launch<D, true>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
+    backward_mma_launch<D, true, kDqKeys, kDqMinBlocks>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
   } else {
-    backward_mma_launch<D, false>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
+    backward_mma_launch<D, false, kDqKeys, kDqMinBlocks>(p, dq, dk, dv, delta, dout, q, k, v, lse, stream);
   }
 }
 

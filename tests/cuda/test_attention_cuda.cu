@@ -529,8 +529,8 @@ TEST(AttentionFlashCuda, MmaForwardVariantsEqualTheDefault) {
   expect_forward_variant_equal<128, 3>(gqa(300, 128));
 }
 
-// The dQ kernel's occupancy variants (32-key tiles, launch bounds) against the default backward, bit for
-// bit; dK and dV come from the same kernel in both runs.
+// The dQ kernel's occupancy variants (64- or 32-key tiles, launch bounds) against the default backward,
+// bit for bit; dK and dV come from the same kernel in both runs.
 template <int D, int kKeys, int kMinBlocks>
 void expect_backward_variant_equal(const Case& c) {
   namespace fd = llm::cuda::attention_flash_detail;
@@ -589,7 +589,8 @@ void expect_backward_variant_equal(const Case& c) {
 TEST(AttentionFlashCuda, MmaBackwardVariantsEqualTheDefault) {
   SKIP_WITHOUT_GPU();
   for (const Case& c : feature_sweep(64)) expect_backward_variant_equal<64, 32, 4>(c);
-  for (const Case& c : feature_sweep(128)) {
+  for (const Case& c : feature_sweep(128)) {  // the default for D = 128 is 32 keys, 3 blocks
+    expect_backward_variant_equal<128, 64, 1>(c);
     expect_backward_variant_equal<128, 32, 2>(c);
     expect_backward_variant_equal<128, 32, 3>(c);
   }
