@@ -121,6 +121,22 @@ __device__ __forceinline__ uint32_t embedding_sort_key(int token, int V) {
   return (token >= 0 && token < V) ? static_cast<uint32_t>(token) : static_cast<uint32_t>(V);
 }
 
+// The key of a position past the end of a warp's tokens: below no block's range and in none.
+constexpr uint32_t kEmbeddingNoKey = ~0u;
+
+// The sort keys of tokens base + 32 s + lane, s < STEPS (one warp-wide step each), kEmbeddingNoKey past
+// `end`. Both passes of the counting sort read the tokens this way, so that they see the same keys in the
+// same places.
+template <int STEPS>
+__device__ __forceinline__ void load_step_keys(uint32_t (&key)[STEPS], const int32_t* tokens, int base,
+                                               int lane, int end, int V) {
+#pragma unroll
+  for (int s = 0; s < STEPS; ++s) {
+    const int n = base + s * 32 + lane;
+    key[s] = n < end ? embedding_sort_key(tokens[n], V) : kEmbeddingNoKey;
+  }
+}
+
 // Steps 1 and 2 for N <= kCountingSortMaxN, in one launch: a stable counting sort. Block b owns the KEYS
 // keys [KEYS b, KEYS b + KEYS) and writes their (key, n) pairs straight to their sorted positions. Each of
 // its WARPS warps reads a contiguous part of the tokens, 32 consecutive ones per step, STEPS steps' loads at
@@ -143,7 +159,6 @@ __global__ void __launch_bounds__(WARPS * 32)
   constexpr int kWarps = WARPS, kThreads = WARPS * 32, kSteps = STEPS, kKeys = KEYS;
   constexpr int kKeysPerThread = kKeys / kThreads;  // in the scan, thread t has keys [t, t + 1) * this
   static_assert(kKeys % kThreads == 0, "the scan gives each thread the same number of keys");
-  constexpr uint32_t kNone = ~0u;  // past the end: below no range, in none
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ int s_pos[kWarps][kKeys];  // counts per (warp, key), then the next sorted position of each
   __shared__ int s_below[kWarps];
@@ -163,15 +178,12 @@ __global__ void __launch_bounds__(WARPS * 32)
   int below = 0;
   for (int base = begin; base < end; base += 32 * kSteps) {
     uint32_t key[kSteps];
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      const int n = base + s * 32 + lane;
-      key[s] = n < end ? embedding_sort_key(tokens[n], V) : kNone;
-    }
+    load_step_keys<kSteps>(key, tokens, base, lane, end, V);
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       below += key[s] < lo ? 1 : 0;
-      // Unsigned: false below lo and for kNone. Integer atomics: the counts do not depend on their order.
+      // Unsigned: false below lo and for kEmbeddingNoKey. Integer atomics: the counts do not depend on their
+      // order.
       if (key[s] - lo < static_cast<uint32_t>(kKeys)) atomicAdd(&s_pos[warp][key[s] - lo], 1);
     }
   }
@@ -206,11 +218,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   // Pass 2.
   for (int base = begin; base < end; base += 32 * kSteps) {
     uint32_t key[kSteps];
-#pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      const int n = base + s * 32 + lane;
-      key[s] = n < end ? embedding_sort_key(tokens[n], V) : kNone;
-    }
+    load_step_keys<kSteps>(key, tokens, base, lane, end, V);
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       const bool mine = key[s] - lo < static_cast<uint32_t>(kKeys);

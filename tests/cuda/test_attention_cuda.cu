@@ -128,37 +128,59 @@ struct GpuResult {
   std::vector<float> out, stats, dq, dk, dv;
 };
 
+// A problem's inputs on the device in storage type T, its outputs (poisoned), and the options that go with
+// it (device pointers to the document ids and ALiBi slopes).
+template <typename T>
+struct DeviceProblem {
+  DeviceBuffer<T> q, k, v, dout, out, dq, dk, dv;
+  DeviceBuffer<int32_t> doc_ids;
+  DeviceBuffer<float> slopes;
+  llm::cuda::AttentionShape shape;
+  llm::cuda::AttentionOptions opt;
+
+  DeviceProblem(const Problem& pb, AttentionKernel kernel)
+      : q(pb.q.size()),
+        k(pb.k.size()),
+        v(pb.v.size()),
+        dout(pb.dout.size()),
+        out(pb.q.size()),
+        dq(pb.q.size()),
+        dk(pb.k.size()),
+        dv(pb.v.size()),
+        doc_ids(pb.doc_ids.size()),
+        slopes(pb.slopes.size()),
+        shape{pb.c.B, pb.c.T, pb.c.Hq, pb.c.Hkv, pb.c.D} {
+    using llm::test::from_floats;
+    const Case& c = pb.c;
+    q.upload(from_floats<T>(pb.q));
+    k.upload(from_floats<T>(pb.k));
+    v.upload(from_floats<T>(pb.v));
+    dout.upload(from_floats<T>(pb.dout));
+    out.poison();
+    dq.poison();
+    dk.poison();
+    dv.poison();
+    if (c.docs) doc_ids.upload(pb.doc_ids);
+    if (c.alibi) slopes.upload(pb.slopes);
+    opt.causal = c.causal;
+    opt.sliding_window = c.window;
+    opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
+    opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
+    opt.dropout = c.dropout;
+    opt.seed = 0x5eed1234abcdull;
+    opt.stream = 7;
+    opt.kernel = kernel;
+  }
+};
+
 // Runs forward and backward of one path on the GPU with storage type T; every output is poisoned first.
 template <typename T>
 GpuResult run_gpu(const Problem& pb, Path path, AttentionKernel kernel = AttentionKernel::kAuto) {
-  using llm::test::from_floats;
   using llm::test::to_floats;
-  const Case& c = pb.c;
-  const llm::cuda::AttentionShape shape{c.B, c.T, c.Hq, c.Hkv, c.D};
-  DeviceBuffer<T> q(pb.q.size()), k(pb.k.size()), v(pb.v.size()), dout(pb.dout.size());
-  q.upload(from_floats<T>(pb.q));
-  k.upload(from_floats<T>(pb.k));
-  v.upload(from_floats<T>(pb.v));
-  dout.upload(from_floats<T>(pb.dout));
-  DeviceBuffer<T> out(pb.q.size()), dq(pb.q.size()), dk(pb.k.size()), dv(pb.v.size());
-  out.poison();
-  dq.poison();
-  dk.poison();
-  dv.poison();
-  DeviceBuffer<int32_t> doc_ids(pb.doc_ids.size());
-  if (c.docs) doc_ids.upload(pb.doc_ids);
-  DeviceBuffer<float> slopes(pb.slopes.size());
-  if (c.alibi) slopes.upload(pb.slopes);
-
-  llm::cuda::AttentionOptions opt;
-  opt.causal = c.causal;
-  opt.sliding_window = c.window;
-  opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
-  opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
-  opt.dropout = c.dropout;
-  opt.seed = 0x5eed1234abcdull;
-  opt.stream = 7;
-  opt.kernel = kernel;
+  DeviceProblem<T> d(pb, kernel);
+  auto &q = d.q, &k = d.k, &v = d.v, &dout = d.dout, &out = d.out, &dq = d.dq, &dk = d.dk, &dv = d.dv;
+  const llm::cuda::AttentionShape& shape = d.shape;
+  const llm::cuda::AttentionOptions& opt = d.opt;
 
   GpuResult r;
   if (path == Path::kSimple) {
@@ -473,24 +495,10 @@ void expect_forward_variant_equal(const Case& c) {
   namespace fd = llm::cuda::attention_flash_detail;
   SCOPED_TRACE(describe(c) + " min blocks " + std::to_string(kMinBlocks));
   const Problem pb = make_problem<bf16>(c, 77);
-  DeviceBuffer<bf16> q(pb.q.size()), k(pb.k.size()), v(pb.v.size()), out(pb.q.size());
-  q.upload(llm::test::from_floats<bf16>(pb.q));
-  k.upload(llm::test::from_floats<bf16>(pb.k));
-  v.upload(llm::test::from_floats<bf16>(pb.v));
-  DeviceBuffer<int32_t> doc_ids(pb.doc_ids.size());
-  if (c.docs) doc_ids.upload(pb.doc_ids);
-  DeviceBuffer<float> slopes(pb.slopes.size());
-  if (c.alibi) slopes.upload(pb.slopes);
-  llm::cuda::AttentionOptions opt;
-  opt.causal = c.causal;
-  opt.sliding_window = c.window;
-  opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
-  opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
-  opt.dropout = c.dropout;
-  opt.seed = 0x5eed1234abcdull;
-  opt.stream = 7;
-  const llm::cuda::AttentionParams p = llm::cuda::make_attention_params({c.B, c.T, c.Hq, c.Hkv, c.D}, opt);
-  DeviceBuffer<float> lse(llm::cuda::attention_flash_stats_elems({c.B, c.T, c.Hq, c.Hkv, c.D}));
+  DeviceProblem<bf16> d(pb, AttentionKernel::kMma);
+  auto &q = d.q, &k = d.k, &v = d.v, &out = d.out;
+  const llm::cuda::AttentionParams p = llm::cuda::make_attention_params(d.shape, d.opt);
+  DeviceBuffer<float> lse(llm::cuda::attention_flash_stats_elems(d.shape));
   auto run = [&](auto launch) {
     out.poison();
     lse.poison();
@@ -538,29 +546,10 @@ void expect_backward_variant_equal(const Case& c) {
                std::to_string(kMinBlocks));
   const Problem pb = make_problem<bf16>(c, 78);
   const GpuResult want = run_gpu<bf16>(pb, Path::kFlash, AttentionKernel::kMma);
-  DeviceBuffer<bf16> q(pb.q.size()), k(pb.k.size()), v(pb.v.size()), out(pb.q.size()), dout(pb.dout.size());
-  q.upload(llm::test::from_floats<bf16>(pb.q));
-  k.upload(llm::test::from_floats<bf16>(pb.k));
-  v.upload(llm::test::from_floats<bf16>(pb.v));
-  dout.upload(llm::test::from_floats<bf16>(pb.dout));
-  DeviceBuffer<bf16> dq(pb.q.size()), dk(pb.k.size()), dv(pb.v.size());
-  dq.poison();
-  dk.poison();
-  dv.poison();
-  DeviceBuffer<int32_t> doc_ids(pb.doc_ids.size());
-  if (c.docs) doc_ids.upload(pb.doc_ids);
-  DeviceBuffer<float> slopes(pb.slopes.size());
-  if (c.alibi) slopes.upload(pb.slopes);
-  llm::cuda::AttentionOptions opt;
-  opt.causal = c.causal;
-  opt.sliding_window = c.window;
-  opt.doc_ids = c.docs ? doc_ids.get() : nullptr;
-  opt.alibi_slopes = c.alibi ? slopes.get() : nullptr;
-  opt.dropout = c.dropout;
-  opt.seed = 0x5eed1234abcdull;
-  opt.stream = 7;
-  opt.kernel = AttentionKernel::kMma;
-  const llm::cuda::AttentionShape shape{c.B, c.T, c.Hq, c.Hkv, c.D};
+  DeviceProblem<bf16> d(pb, AttentionKernel::kMma);
+  auto &q = d.q, &k = d.k, &v = d.v, &out = d.out, &dout = d.dout, &dq = d.dq, &dk = d.dk, &dv = d.dv;
+  const llm::cuda::AttentionShape& shape = d.shape;
+  const llm::cuda::AttentionOptions& opt = d.opt;
   const llm::cuda::AttentionParams p = llm::cuda::make_attention_params(shape, opt);
   DeviceBuffer<float> lse(llm::cuda::attention_flash_stats_elems(shape)),
       delta(llm::cuda::attention_flash_stats_elems(shape));
