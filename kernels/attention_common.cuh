@@ -149,8 +149,7 @@ __host__ __device__ __forceinline__ size_t attn_row_index(const AttentionParams&
   return (static_cast<size_t>(b) * p.Hq + h) * p.T + i;
 }
 
-// ---- tile ranges shared by the fused kernels (attention_flash.cuh, attention_mma.cuh)
-// ----------------------
+// ---- tile ranges, shared by the fused kernels (attention_flash.cuh, attention_mma.cuh) --------------
 
 namespace attention_flash_detail {
 

@@ -53,6 +53,9 @@
 //     online softmax rescales it row by row (the fragment layout is opaque); in the backward dK, dV, dQ
 //     stay in fragments.
 //   Both need more than 48 KB of shared memory for D = 128 and opt in with cudaFuncSetAttribute.
+// A third implementation, kernels/attention_mma.cuh, follows the same plan with mma.sync PTX and keeps S, P
+// and the accumulators in registers; it is the default for bf16 (AttentionKernel::kAuto), and the WMMA
+// kernels here are its readable tensor-core twin and test oracle.
 //
 // Sizes: q, out, dq, dout [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse and the backward workspace delta
 // are fp32 [B, Hq, T]. dq, dk, dv are overwritten. Supported head sizes: 64 and 128 (others: use
