@@ -89,7 +89,7 @@ struct MmaLayout {
   static constexpr size_t kTileBytes = static_cast<size_t>(kTileElems) * sizeof(bf16);
   static constexpr size_t kFwdBytes = 5 * kTileBytes;         // 2 x K, 2 x V, Q
   static constexpr size_t kFwdCompactBytes = 4 * kTileBytes;  // 2 x K, 2 x V (Q staged in a V buffer)
-  static constexpr size_t kBwdBytes = 6 * kTileBytes;  // dK/dV: K, V, 2 x (Q, dO); dQ: Q, dO, 2 x (K, V)
+  static constexpr size_t kBwdBytes = 6 * kTileBytes;  // dK/dV: K, V, 2 x (Q, dO) (dQ: backward_mma_launch)
   static_assert(kTileBytes % 128 == 0, "tiles stay 128-byte aligned");
 };
 
