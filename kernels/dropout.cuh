@@ -1,7 +1,7 @@
 // Inverted dropout with a counter-based (Philox) mask, forward and backward, on the GPU.
 //
 // Math (derivation in kernels/cpu/dropout.h, which these kernels match draw for draw):
-//   u_i    = philox_uniform(seed, stream_id, i)          (kernels/philox.h; i = the element index)
+//   u_i    = philox_mask_uniform(seed, stream_id, i)     (kernels/philox.h; i = the element index)
 //   keep_i = [u_i >= p]
 //   out_i  = keep_i * in_i * scale,   scale = 1 / (1 - p) evaluated in fp32
 // For a fixed mask the op is linear and diagonal, so the backward pass is the same map applied to the
@@ -9,8 +9,10 @@
 // u_i from the same (seed, stream_id, i). din is an activation gradient and is overwritten (=).
 // Edge cases as in the reference: p <= 0 copies, p >= 1 writes zeros.
 //
-// Kernel: one thread per VEC consecutive elements (clear VEC = 1, fast 16 bytes), one Philox draw per
-// element, tail elements one per thread (see kernels/activations.cuh for the same layout).
+// Kernel: one thread per VEC consecutive elements (clear VEC = 1, fast 16 bytes), tail elements one per
+// thread (see kernels/activations.cuh for the same layout). A thread's elements start at a multiple of VEC
+// and VEC divides 8, so they share one packed Philox block, philox_at(seed, stream_id, first / 8): the fast
+// bf16 kernel makes one Philox call per eight elements, the clear one a call per element.
 #pragma once
 
 #include <cstddef>
@@ -48,11 +50,14 @@ __global__ void dropout_kernel(T* dst, const T* src, size_t n, float p, float sc
   } else {
     v[0] = to_float(src[first]);
   }
-  for (int k = 0; k < count; ++k) {
-    if (p >= 1.0f) {
-      v[k] = 0.0f;
-    } else if (p > 0.0f) {
-      const bool keep = llm::philox_uniform(seed, stream_id, first + k) >= p;
+  static_assert(8 % VEC == 0, "a thread's elements must lie in one packed Philox block");
+  if (p >= 1.0f) {
+    for (int k = 0; k < count; ++k) v[k] = 0.0f;
+  } else if (p > 0.0f) {
+    const llm::Philox4 draws = llm::philox_at(seed, stream_id, first / 8);
+    const int lane0 = static_cast<int>(first % 8);
+    for (int k = 0; k < count; ++k) {
+      const bool keep = llm::philox_mask_lane(draws, lane0 + k) >= p;
       v[k] = keep ? v[k] * scale : 0.0f;
     }
   }

@@ -54,12 +54,17 @@ __global__ void lora_dropout_backward_kernel(T* dx, const T* t, size_t n, float 
     g[0] = to_float(t[first]);
     if (accumulate) d[0] = to_float(dx[first]);
   }
+  // As in kernels/dropout.cuh: this thread's elements share one packed Philox block.
+  static_assert(8 % VEC == 0, "a thread's elements must lie in one packed Philox block");
+  llm::Philox4 draws = {};
+  if (p > 0.0f && p < 1.0f) draws = llm::philox_at(seed, stream_id, first / 8);
+  const int lane0 = static_cast<int>(first % 8);
   for (int k = 0; k < count; ++k) {
     bool keep = true;
     if (p >= 1.0f) {
       keep = false;
     } else if (p > 0.0f) {
-      keep = llm::philox_uniform(seed, stream_id, first + k) >= p;
+      keep = llm::philox_mask_lane(draws, lane0 + k) >= p;
     }
     // The reference rounds keep * t * scale first and then adds it: no fused multiply-add here.
     const float v = keep ? __fmul_rn(g[k], scale) : 0.0f;

@@ -30,7 +30,7 @@
 // The scale s is applied once per product, as cuBLASLt's alpha: y += s (h B^T), dB += s (G^T h),
 // dh = s (G B); h itself is stored unscaled, as in the reference.
 //
-// Dropout mask. keep_i = [philox_uniform(seed, stream_id, i) >= p] over the flat [N, I] array, i =
+// Dropout mask. keep_i = [philox_mask_uniform(seed, stream_id, i) >= p] over the flat [N, I] array, i =
 // n * I + col, exactly the reference's (kernels/philox.h). The mask is never stored: the backward pass
 // draws it again, once to rebuild x~ for dA and once inside the kernel that applies it to dx~. So the
 // forward and backward calls of one use must pass the same p, seed and stream_id. p <= 0 turns dropout

@@ -1,6 +1,7 @@
 // Inverted dropout with a counter-based mask.
 //
-// Forward. Each element i draws u_i = philox_uniform(seed, stream, i), uniform on [0, 1), and
+// Forward. Each element i draws u_i = philox_mask_uniform(seed, stream, i), uniform on the 16-bit grid
+// {0, 1/65536, ..., 65535/65536} (kernels/philox.h: one Philox call serves eight elements), and
 //   keep_i = [u_i >= p]                         (so P(keep) = 1 - p)
 //   out_i  = keep_i * in_i / (1 - p).
 // Scaling the kept elements by 1/(1 - p) makes E[out_i] = in_i, so nothing changes at evaluation time,
@@ -8,7 +9,7 @@
 //
 // Backward. For a fixed mask the op is linear and diagonal, d out_i / d in_i = keep_i / (1 - p), so
 //   din_i = keep_i * dout_i / (1 - p).
-// The mask is not stored: the backward pass calls philox_uniform with the same (seed, stream, i) and gets
+// The mask is not stored: the backward pass draws with the same (seed, stream, i) and gets
 // the same u_i, and a CUDA kernel doing the same draws the same numbers. `stream` must therefore name the
 // use (layer, site, step) uniquely, and the forward and backward calls of one use must pass equal values.
 //
@@ -38,11 +39,15 @@ void dropout_apply(T* dst, const T* src, size_t n, float p, uint64_t seed, uint6
     return;
   }
   const T scale = T(1) / (T(1) - static_cast<T>(p));
-  const int64_t count = static_cast<int64_t>(n);
-#pragma omp parallel for schedule(static) if (count >= (1 << 16))
-  for (int64_t i = 0; i < count; ++i) {
-    const bool keep = llm::philox_uniform(seed, stream, static_cast<uint64_t>(i)) >= p;
-    dst[i] = keep ? src[i] * scale : T(0);
+  const int64_t blocks = static_cast<int64_t>((n + 7) / 8);
+#pragma omp parallel for schedule(static) if (blocks >= (1 << 13))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const llm::Philox4 draws = llm::philox_at(seed, stream, static_cast<uint64_t>(b));
+    const size_t first = static_cast<size_t>(b) * 8;
+    for (size_t i = first; i < first + 8 && i < n; ++i) {
+      const bool keep = llm::philox_mask_lane(draws, static_cast<int>(i - first)) >= p;
+      dst[i] = keep ? src[i] * scale : T(0);
+    }
   }
 }
 
@@ -64,10 +69,18 @@ void dropout_backward(T* din, const T* dout, size_t n, float p, uint64_t seed, u
 // drawn once, and dst_i = keep_i * src_i / (1 - p), bit for bit what dropout_forward / dropout_backward
 // give with the same p, seed and stream.
 inline void dropout_keep_mask(uint8_t* keep, size_t n, float p, uint64_t seed, uint64_t stream) {
-  const int64_t count = static_cast<int64_t>(n);
-#pragma omp parallel for schedule(static) if (count >= (1 << 16))
-  for (int64_t i = 0; i < count; ++i) {
-    keep[i] = p <= 0.0f || (p < 1.0f && llm::philox_uniform(seed, stream, static_cast<uint64_t>(i)) >= p);
+  if (p <= 0.0f || p >= 1.0f) {
+    for (size_t i = 0; i < n; ++i) keep[i] = p <= 0.0f;
+    return;
+  }
+  const int64_t blocks = static_cast<int64_t>((n + 7) / 8);
+#pragma omp parallel for schedule(static) if (blocks >= (1 << 13))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const llm::Philox4 draws = llm::philox_at(seed, stream, static_cast<uint64_t>(b));
+    const size_t first = static_cast<size_t>(b) * 8;
+    for (size_t i = first; i < first + 8 && i < n; ++i) {
+      keep[i] = llm::philox_mask_lane(draws, static_cast<int>(i - first)) >= p;
+    }
   }
 }
 

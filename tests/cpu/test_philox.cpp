@@ -45,4 +45,45 @@ TEST(Philox, UniformIsInRangeAndRoughlyUniform) {
   EXPECT_NE(llm::philox_uniform(1, 0, 0), llm::philox_uniform(2, 0, 0));
 }
 
+// The packed mask stream: lane k of block b is 16-bit half (k % 2) of word k / 2 of philox_at(b), low half
+// first, scaled by 2^-16. Checked against the raw generator rather than against itself.
+TEST(Philox, MaskUniformUnpacksOneBlockIntoEightLanes) {
+  const uint64_t seed = 0x0123456789ABCDEFull, stream = 0xFEDCBA9876543210ull;
+  for (uint64_t block : {0ull, 1ull, 12345ull, 0x1'0000'0003ull}) {
+    llm::Philox4 counter;
+    counter.v[0] = static_cast<uint32_t>(block);
+    counter.v[1] = static_cast<uint32_t>(block >> 32);
+    counter.v[2] = static_cast<uint32_t>(stream);
+    counter.v[3] = static_cast<uint32_t>(stream >> 32);
+    const llm::Philox4 raw = llm::philox4x32_10(counter, 0x89ABCDEFu, 0x01234567u);
+    for (int lane = 0; lane < 8; ++lane) {
+      const uint32_t half = (raw.v[lane / 2] >> (16 * (lane % 2))) & 0xFFFFu;
+      EXPECT_EQ(llm::philox_mask_uniform(seed, stream, block * 8 + lane), static_cast<float>(half) / 65536.0f)
+          << "block " << block << " lane " << lane;
+    }
+  }
+  // philox_uniform reads the same generator: the top 24 bits of word 0 at counter = index.
+  const llm::Philox4 at7 = llm::philox_at(seed, stream, 7);
+  EXPECT_EQ(llm::philox_uniform(seed, stream, 7), static_cast<float>(at7.v[0] >> 8) / 16777216.0f);
+}
+
+TEST(Philox, MaskUniformIsRoughlyUniformInEveryLane) {
+  const int blocks = 40000;
+  double sum[8] = {};
+  int below_tenth[8] = {};
+  for (int b = 0; b < blocks; ++b) {
+    for (int lane = 0; lane < 8; ++lane) {
+      const float u = llm::philox_mask_uniform(99, 3, static_cast<uint64_t>(b) * 8 + lane);
+      ASSERT_GE(u, 0.0f);
+      ASSERT_LT(u, 1.0f);
+      sum[lane] += u;
+      below_tenth[lane] += u < 0.1f ? 1 : 0;
+    }
+  }
+  for (int lane = 0; lane < 8; ++lane) {
+    EXPECT_NEAR(sum[lane] / blocks, 0.5, 0.005) << "lane " << lane;
+    EXPECT_NEAR(static_cast<double>(below_tenth[lane]) / blocks, 0.1, 0.006) << "lane " << lane;
+  }
+}
+
 }  // namespace
