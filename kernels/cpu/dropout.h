@@ -27,6 +27,21 @@ namespace llm::ref {
 
 namespace detail {
 
+// visit(i, keep_i) for 0 <= i < n with 0 < p < 1: one Philox call per block of eight elements (the packed
+// stream of kernels/philox.h), blocks in parallel for large n.
+template <typename Visit>
+void for_each_keep(size_t n, float p, uint64_t seed, uint64_t stream, Visit visit) {
+  const int64_t blocks = static_cast<int64_t>((n + 7) / 8);
+#pragma omp parallel for schedule(static) if (blocks >= (1 << 13))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const llm::Philox4 draws = llm::philox_at(seed, stream, static_cast<uint64_t>(b));
+    const size_t first = static_cast<size_t>(b) * 8;
+    for (size_t i = first; i < first + 8 && i < n; ++i) {
+      visit(i, llm::philox_mask_lane(draws, static_cast<int>(i - first)) >= p);
+    }
+  }
+}
+
 // Shared by forward and backward: dst_i = keep_i * src_i / (1 - p).
 template <typename T>
 void dropout_apply(T* dst, const T* src, size_t n, float p, uint64_t seed, uint64_t stream) {
@@ -39,16 +54,7 @@ void dropout_apply(T* dst, const T* src, size_t n, float p, uint64_t seed, uint6
     return;
   }
   const T scale = T(1) / (T(1) - static_cast<T>(p));
-  const int64_t blocks = static_cast<int64_t>((n + 7) / 8);
-#pragma omp parallel for schedule(static) if (blocks >= (1 << 13))
-  for (int64_t b = 0; b < blocks; ++b) {
-    const llm::Philox4 draws = llm::philox_at(seed, stream, static_cast<uint64_t>(b));
-    const size_t first = static_cast<size_t>(b) * 8;
-    for (size_t i = first; i < first + 8 && i < n; ++i) {
-      const bool keep = llm::philox_mask_lane(draws, static_cast<int>(i - first)) >= p;
-      dst[i] = keep ? src[i] * scale : T(0);
-    }
-  }
+  for_each_keep(n, p, seed, stream, [&](size_t i, bool keep) { dst[i] = keep ? src[i] * scale : T(0); });
 }
 
 }  // namespace detail
@@ -73,15 +79,7 @@ inline void dropout_keep_mask(uint8_t* keep, size_t n, float p, uint64_t seed, u
     for (size_t i = 0; i < n; ++i) keep[i] = p <= 0.0f;
     return;
   }
-  const int64_t blocks = static_cast<int64_t>((n + 7) / 8);
-#pragma omp parallel for schedule(static) if (blocks >= (1 << 13))
-  for (int64_t b = 0; b < blocks; ++b) {
-    const llm::Philox4 draws = llm::philox_at(seed, stream, static_cast<uint64_t>(b));
-    const size_t first = static_cast<size_t>(b) * 8;
-    for (size_t i = first; i < first + 8 && i < n; ++i) {
-      keep[i] = llm::philox_mask_lane(draws, static_cast<int>(i - first)) >= p;
-    }
-  }
+  detail::for_each_keep(n, p, seed, stream, [&](size_t i, bool kept) { keep[i] = kept; });
 }
 
 template <typename T>
