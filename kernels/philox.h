@@ -86,8 +86,11 @@ LLM_HD float philox_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
 }
 
 // Uniform number `lane` (0..7) of a block: a 16-bit half of one output word, scaled to [0, 1) (exact).
+// The word is chosen with selects rather than block.v[lane / 2]: a GPU thread indexing a register array
+// with a run-time index would move the array to local memory.
 LLM_HD float philox_mask_lane(const Philox4& block, int lane) {
-  const uint32_t word = block.v[lane >> 1];
+  const uint32_t word =
+      lane < 4 ? (lane < 2 ? block.v[0] : block.v[1]) : (lane < 6 ? block.v[2] : block.v[3]);
   const uint32_t half = (lane & 1) ? (word >> 16) : (word & 0xFFFFu);
   return static_cast<float>(half) * (1.0f / 65536.0f);
 }
