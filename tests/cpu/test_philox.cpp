@@ -49,13 +49,17 @@ TEST(Philox, UniformIsInRangeAndRoughlyUniform) {
 // first, scaled by 2^-16. Checked against the raw generator rather than against itself.
 TEST(Philox, MaskUniformUnpacksOneBlockIntoEightLanes) {
   const uint64_t seed = 0x0123456789ABCDEFull, stream = 0xFEDCBA9876543210ull;
-  for (uint64_t block : {0ull, 1ull, 12345ull, 0x1'0000'0003ull}) {
+  // The generator at counter (position, stream), the counter and key written out by hand.
+  const auto raw_at = [&](uint64_t position) {
     llm::Philox4 counter;
-    counter.v[0] = static_cast<uint32_t>(block);
-    counter.v[1] = static_cast<uint32_t>(block >> 32);
+    counter.v[0] = static_cast<uint32_t>(position);
+    counter.v[1] = static_cast<uint32_t>(position >> 32);
     counter.v[2] = static_cast<uint32_t>(stream);
     counter.v[3] = static_cast<uint32_t>(stream >> 32);
-    const llm::Philox4 raw = llm::philox4x32_10(counter, 0x89ABCDEFu, 0x01234567u);
+    return llm::philox4x32_10(counter, 0x89ABCDEFu, 0x01234567u);
+  };
+  for (uint64_t block : {0ull, 1ull, 12345ull, 0x1'0000'0003ull}) {
+    const llm::Philox4 raw = raw_at(block);
     for (int lane = 0; lane < 8; ++lane) {
       const uint32_t half = (raw.v[lane / 2] >> (16 * (lane % 2))) & 0xFFFFu;
       EXPECT_EQ(llm::philox_mask_uniform(seed, stream, block * 8 + lane), static_cast<float>(half) / 65536.0f)
@@ -63,8 +67,7 @@ TEST(Philox, MaskUniformUnpacksOneBlockIntoEightLanes) {
     }
   }
   // philox_uniform reads the same generator: the top 24 bits of word 0 at counter = index.
-  const llm::Philox4 at7 = llm::philox_at(seed, stream, 7);
-  EXPECT_EQ(llm::philox_uniform(seed, stream, 7), static_cast<float>(at7.v[0] >> 8) / 16777216.0f);
+  EXPECT_EQ(llm::philox_uniform(seed, stream, 7), static_cast<float>(raw_at(7).v[0] >> 8) / 16777216.0f);
 }
 
 TEST(Philox, MaskUniformIsRoughlyUniformInEveryLane) {
